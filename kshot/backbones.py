@@ -1,0 +1,79 @@
+"""Feature extractors shared by every learner: the standard Conv-4 and an MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 convolution, batch norm, ReLU, 2x2 max-pool: the block of Vinyals, Snell and Finn."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """Four conv blocks of `hidden` filters; 28x28 input gives 64 features, 84x84 gives 1,600.
+
+    `flatten=False` keeps the final feature map (for learners such as Relation Networks that need it).
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4, flatten: bool = True) -> None:
+        super().__init__()
+        channels = [in_channels] + [hidden] * depth
+        self.encoder = nn.Sequential(*(conv_block(a, b) for a, b in zip(channels[:-1], channels[1:])))
+        self.flatten = flatten
+        self.out_channels = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.encoder(x)
+        return features.flatten(1) if self.flatten else features
+
+    def output_dim(self, image_shape: tuple[int, int, int]) -> int:
+        """Length of the flattened feature vector for images of `image_shape` (C, H, W)."""
+        with torch.no_grad():
+            was_training = self.training
+            self.eval()
+            out = self.encoder(torch.zeros(1, *image_shape))
+            self.train(was_training)
+        return out[0].numel()
+
+
+class MLP(nn.Module):
+    """Fully connected layers with ReLU between them; flattens image input."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...] = (256, 128, 64), out_features: int | None = None,
+                 batch_norm: bool = False) -> None:
+        super().__init__()
+        sizes = [in_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers.append(nn.Linear(a, b))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.ReLU())
+        if out_features is not None:
+            layers.append(nn.Linear(sizes[-1], out_features))
+        self.net = nn.Sequential(*layers)
+        self.out_features = out_features if out_features is not None else sizes[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+
+BACKBONES = ("conv4", "mlp")
+
+
+def build_backbone(name: str, image_shape: tuple[int, int, int], **options) -> nn.Module:
+    """A backbone by name for images of `image_shape` (C, H, W)."""
+    if name == "conv4":
+        return Conv4(in_channels=image_shape[0], **options)
+    if name == "mlp":
+        in_features = image_shape[0] * image_shape[1] * image_shape[2]
+        hidden = tuple(options.pop("hidden", (256, 128, 64)))
+        return MLP(in_features, hidden=hidden, **options)
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

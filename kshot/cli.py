@@ -1,0 +1,189 @@
+"""The `kshot` command: train and evaluate recipes, predict on a folder of images, download datasets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from kshot.recipe import RecipeError, load_recipe, recipe_names
+
+
+def _device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
+    return device
+
+
+def _overrides(sets: tuple[str, ...], data: str | None, data_root: str | None, archives: str | None) -> list[str]:
+    overrides = list(sets)
+    if data:
+        overrides += ["dataset.name=folder", f"dataset.path={json.dumps(str(Path(data).resolve()))}"]
+    if data_root:
+        overrides.append(f"dataset.root={json.dumps(data_root)}")
+    if archives:
+        overrides.append(f"dataset.archives={json.dumps(archives)}")
+    return overrides
+
+
+data_options = [
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                 help="Override a recipe value, e.g. --set train.steps=500 --set train.ways=20."),
+    click.option("--data", type=click.Path(exists=True, file_okay=False),
+                 help="Use your own images: a folder with one sub-folder per class (or train/ val/ test/ inside)."),
+    click.option("--data-root", type=click.Path(file_okay=False), help="Where datasets are cached ($KSHOT_DATA)."),
+    click.option("--archives", type=click.Path(exists=True, file_okay=False),
+                 help="Folder of local Omniglot archives to use instead of downloading ($KSHOT_OMNIGLOT_ARCHIVES)."),
+    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto."),
+]
+
+
+def with_data_options(function):
+    for option in reversed(data_options):
+        function = option(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """kshot: few-shot learning and meta-learning on PyTorch."""
+
+
+@cli.command("recipes")
+def list_recipes() -> None:
+    """List the recipes that ship with kshot."""
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        click.echo(f"{name:40s} {recipe.description}")
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default runs/<recipe>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run.")
+@click.option("--no-eval", is_flag=True, help="Train only; skip the test evaluation.")
+@click.option("--eval-episodes", type=int, help="Test episodes per setting (default: the recipe's, 1,000).")
+@with_data_options
+def train(recipe: str, out: str | None, resume: bool, overwrite: bool, no_eval: bool, eval_episodes: int | None,
+          sets, data, data_root, archives, device) -> None:
+    """Meta-train RECIPE (a shipped recipe name or a YAML file), then evaluate it on its test split."""
+    from kshot.pipeline import evaluate_recipe, result_rows, train_recipe, write_results
+
+    chosen = load_recipe(recipe, _overrides(sets, data, data_root, archives))
+    device = _device(device)
+    run_dir = Path(out or Path("runs") / chosen.name)
+    click.echo(f"training {chosen.learner} ({chosen.name}) on {device} into {run_dir}")
+    run = train_recipe(chosen, run_dir, device=device, resume=resume, overwrite=overwrite)
+    click.echo(f"trained {run.steps} steps in {run.train_seconds:.0f} s; best checkpoint: {run_dir}/checkpoints/best")
+    if no_eval or not chosen.evaluate:
+        return
+    results = evaluate_recipe(run.learner, chosen, device=device, episodes=eval_episodes)
+    for result in results:
+        click.echo(result.summary())
+    path = write_results(run_dir, result_rows(chosen, results, run.train_seconds, run.steps, device))
+    click.echo(f"results written to {path}")
+
+
+@cli.command("evaluate")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--ways", type=int, default=5, show_default=True)
+@click.option("--shots", type=int, default=1, show_default=True)
+@click.option("--queries", type=int, default=15, show_default=True)
+@click.option("--episodes", type=int, default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--split", default=None, help="Dataset split to test on (default: the run's test split).")
+@click.option("--bn-mode", type=click.Choice(["inference", "transductive"]), default="inference", show_default=True)
+@with_data_options
+def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episodes: int, seed: int,
+                     split: str | None, bn_mode: str, sets, data, data_root, archives, device) -> None:
+    """Evaluate a run folder or checkpoint on fixed, seeded test episodes; print accuracy +- 95% CI."""
+    from kshot.api import FewShotModel
+    from kshot.data.registry import load_dataset
+    from kshot.recipe import Recipe, apply_overrides
+    from kshot.training.checkpoint import read_info
+
+    device = _device(device)
+    model = FewShotModel.load(checkpoint, device=device)
+    folder = Path(checkpoint)
+    info = read_info(folder / "checkpoints" / "best" if (folder / "checkpoints" / "best").is_dir() else folder)
+    if "recipe" not in info and not data:
+        raise click.UsageError("this checkpoint does not say which data it was trained on; pass --data FOLDER")
+    saved = info.get("recipe") or {"learner": info["model"]["learner"], "dataset": {"name": "folder"}}
+    recipe = Recipe.from_dict(apply_overrides(saved, _overrides(sets, data, data_root, archives)))
+    dataset = load_dataset(recipe.dataset, split or recipe.splits.get("test", "test"))
+    result = model.evaluate(dataset.to(device) if device != "cpu" else dataset, ways=ways, shots=shots,
+                            queries=queries, episodes=episodes, seed=seed, bn_mode=bn_mode)
+    click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--support", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Folder with one sub-folder of example images per class.")
+@click.option("--query", "queries", type=click.Path(exists=True), required=True, multiple=True,
+              help="Image file or folder of images to classify (repeatable).")
+@click.option("--device", default="auto", show_default=True)
+def predict(checkpoint: str, support: str, queries: tuple[str, ...], device: str) -> None:
+    """Adapt a trained model to the classes in --support and classify the --query images."""
+    from kshot.api import FewShotModel
+    from kshot.data.folder import image_files, image_folder, load_images
+
+    model = FewShotModel.load(checkpoint, device=_device(device))
+    channels, size = model.learner.image_shape[0], model.learner.image_shape[-1]
+    invert = bool((model.learner.options or {}).get("invert_inputs", False))
+    support_set = image_folder(support, image_size=size, channels=channels, invert=invert)
+    images, labels = support_set.all_images()
+    names = support_set.class_names()
+    classifier = model.adapt(images, [names[i] for i in labels.tolist()])
+    files: list[Path] = []
+    for query in map(Path, queries):
+        files.extend(image_files(query) if query.is_dir() else [query])
+    predictions = classifier.predict(load_images(files, size, channels, invert=invert))
+    for file, label in zip(files, predictions):
+        click.echo(f"{file}\t{label}")
+
+
+@cli.command()
+@click.argument("dataset", type=click.Choice(["omniglot"]))
+@click.option("--data-root", type=click.Path(file_okay=False), help="Where datasets are cached ($KSHOT_DATA).")
+@click.option("--archives", type=click.Path(exists=True, file_okay=False),
+              help="Use local archives instead of downloading (checked by contents).")
+@click.option("--image-size", type=int, default=28, show_default=True)
+def download(dataset: str, data_root: str | None, archives: str | None, image_size: int) -> None:
+    """Download, verify and convert a dataset once, so training starts straight away."""
+    from kshot.data.omniglot import load_omniglot
+
+    data = load_omniglot(data_root, image_size=image_size, archives=archives)
+    click.echo(f"ready: {data}")
+
+
+def main() -> None:
+    """Entry point: turn kshot's own errors into one clear line instead of a traceback."""
+    from kshot.data.download import DownloadError
+    from kshot.data.omniglot import OmniglotError
+    from kshot.data.sampler import EpisodeRequestError
+    from kshot.training.checkpoint import CheckpointError
+    from kshot.training.trainer import RunExistsError
+
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (RecipeError, EpisodeRequestError, DownloadError, OmniglotError, CheckpointError, RunExistsError,
+            FileNotFoundError, FileExistsError, ValueError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

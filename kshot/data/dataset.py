@@ -1,0 +1,147 @@
+"""A class-indexed image dataset held as one uint8 tensor, with rotations as extra classes.
+
+Images are stored sorted by class, so the examples of class c are images[offsets[c]:offsets[c+1]]: sampling
+an episode is then pure index arithmetic on tensors, with no Python list of images anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+ROTATIONS = (0, 90, 180, 270)
+
+
+class ClassDataset:
+    """Images of `len(base_names)` classes, each optionally seen in several rotations as separate classes.
+
+    Class id v stands for base class v // R in rotation rotations[v % R] (R = len(rotations)); its name is
+    "<base name>/rotDDD" when R > 1 or the rotation is not 0, and the base name otherwise.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        offsets: Tensor,
+        base_names: Sequence[str],
+        rotations: Sequence[int] = (0,),
+        name: str = "dataset",
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 tensor [count, channels, height, width], got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        offsets = torch.as_tensor(offsets, dtype=torch.long)
+        if offsets.dim() != 1 or len(offsets) != len(base_names) + 1 or offsets[0] != 0 \
+                or offsets[-1] != len(images) or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError("offsets must be non-decreasing, start at 0, end at len(images), "
+                             "and have one entry more than base_names")
+        bad = [r for r in rotations if r % 90 != 0]
+        if bad or not rotations:
+            raise ValueError(f"rotations must be multiples of 90 degrees, got {list(rotations)}")
+        if images.shape[-1] != images.shape[-2] and any(r % 180 for r in rotations):
+            raise ValueError("rotating by 90 or 270 degrees needs square images")
+        self.images = images
+        self.offsets = offsets
+        self.base_names = list(base_names)
+        self.rotations = tuple(int(r) % 360 for r in rotations)
+        self.name = name
+        self._quarter_turns = torch.tensor([r // 90 for r in self.rotations], dtype=torch.long)
+
+    # ----------------------------------------------------------------------------------------------- facts
+    @property
+    def num_base_classes(self) -> int:
+        return len(self.base_names)
+
+    @property
+    def num_classes(self) -> int:
+        return self.num_base_classes * len(self.rotations)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def counts(self) -> Tensor:
+        """Examples per class id (rotated copies of a class have the same count)."""
+        return (self.offsets[1:] - self.offsets[:-1]).repeat_interleave(len(self.rotations))
+
+    def class_names(self) -> list[str]:
+        if self.rotations == (0,):
+            return list(self.base_names)
+        return [f"{base}/rot{rot:03d}" for base in self.base_names for rot in self.rotations]
+
+    def __len__(self) -> int:
+        return len(self.images) * len(self.rotations)
+
+    def __repr__(self) -> str:
+        return (f"ClassDataset({self.name!r}, classes={self.num_classes}, base_classes={self.num_base_classes}, "
+                f"rotations={self.rotations}, images={len(self.images)}, shape={self.image_shape})")
+
+    def fingerprint(self) -> str:
+        """A short content hash: two datasets with the same fingerprint give the same episodes for a seed."""
+        digest = hashlib.sha256()
+        digest.update(repr((self.image_shape, self.rotations, self.base_names)).encode())
+        digest.update(self.offsets.cpu().numpy().tobytes())
+        digest.update(self.images.cpu().contiguous().view(-1)[:: max(1, self.images.numel() // 1_000_000)]
+                      .numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ---------------------------------------------------------------------------------------- transforms
+    def to(self, device: torch.device | str) -> ClassDataset:
+        """The same dataset with its images on `device`, so that episodes are gathered there."""
+        return ClassDataset(self.images.to(device), self.offsets, self.base_names, self.rotations, self.name)
+
+    def with_rotations(self, rotations: Sequence[int] = ROTATIONS) -> ClassDataset:
+        """Class augmentation: each rotation of each base class becomes a class of its own."""
+        return ClassDataset(self.images, self.offsets, self.base_names, rotations, self.name)
+
+    def subset(self, base_classes: Sequence[int] | Tensor, name: str | None = None) -> ClassDataset:
+        """A dataset of some base classes only (ids renumbered 0..len-1 in the order given)."""
+        ids = torch.as_tensor(base_classes, dtype=torch.long)
+        starts, ends = self.offsets[ids], self.offsets[ids + 1]
+        index = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist())]) \
+            if len(ids) else torch.zeros(0, dtype=torch.long)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), (ends - starts).cumsum(0)])
+        return ClassDataset(self.images[index.to(self.device)], offsets, [self.base_names[i] for i in ids.tolist()],
+                            self.rotations, name or self.name)
+
+    # ---------------------------------------------------------------------------------------- gathering
+    def gather(self, classes: Tensor, picks: Tensor) -> Tensor:
+        """Images for class ids `classes` [..., N] and within-class positions `picks` [..., N, S].
+
+        Returns uint8 images [..., N, S, C, H, W], each class's images turned by that class's rotation.
+        """
+        rotations = len(self.rotations)
+        base = classes // rotations if rotations > 1 else classes
+        index = self.offsets.to(self.device)[base.to(self.device)].unsqueeze(-1) + picks.to(self.device)
+        images = self.images[index]
+        if rotations > 1 or self.rotations != (0,):
+            turns = self._quarter_turns[classes % rotations]
+            for k in turns.unique().tolist():
+                if k % 4:
+                    mask = (turns == k).to(self.device)
+                    images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
+        return images
+
+    def all_images(self) -> tuple[Tensor, Tensor]:
+        """Every (image, class id) pair, rotations included: uint8 images [M, C, H, W] and labels [M]."""
+        counts = self.counts()
+        classes = torch.arange(self.num_classes)
+        max_count = int(counts.max()) if len(counts) else 0
+        picks = torch.arange(max_count).expand(self.num_classes, max_count)
+        valid = picks < counts.unsqueeze(1)
+        picks = torch.where(valid, picks, 0)
+        images = self.gather(classes, picks)
+        labels = classes.unsqueeze(1).expand_as(picks)
+        return images[valid.to(self.device)], labels[valid]
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 images in [0, 255] to float32 in [0, 1]."""
+    return images.to(torch.float32).div_(255.0)

@@ -1,0 +1,64 @@
+"""Downloading files safely: progress bar, md5 check, and nothing half-written left behind on failure."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class DownloadError(RuntimeError):
+    """A download that failed or whose checksum did not match."""
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; it replaces `target` only if the block ends without error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, target)
+    finally:
+        temporary_path.unlink(missing_ok=True)
+
+
+def download(url: str, target: Path, md5: str | None, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Download `url` to `target`, checking its md5; on any failure `target` is left as it was."""
+    target = Path(target)
+    with atomic_path(target) as partial:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}",
+                          disable=not progress, leave=False) as bar:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        out.write(block)
+                        bar.update(len(block))
+                if total is not None and out.tell() != total:
+                    raise DownloadError(f"{url}: got {out.tell()} bytes of {total}; the transfer was cut short")
+        except OSError as error:
+            raise DownloadError(f"could not download {url}: {error}. Check the network, or place the file "
+                                f"at {target} yourself") from error
+        if md5 is not None:
+            found = md5sum(partial)
+            if found != md5:
+                raise DownloadError(f"{url}: md5 {found} does not match the expected {md5}; the file is "
+                                    f"corrupt or truncated and was not kept")
+    return target

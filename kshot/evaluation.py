@@ -1,0 +1,81 @@
+"""Evaluation as papers report it: mean accuracy and 95% confidence interval over a fixed episode set."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kshot.batchnorm import batchnorm_mode
+from kshot.data.sampler import EpisodeSet
+from kshot.learners.base import Learner
+
+Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+
+
+def mean_ci95(values: Tensor | list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% confidence interval of the mean: 1.96 * sample std / sqrt(n)."""
+    data = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if len(data) == 0:
+        raise ValueError("mean_ci95 needs at least one value")
+    if len(data) == 1:
+        return data.item(), float("nan")
+    return data.mean().item(), Z_95 * data.std(unbiased=True).item() / math.sqrt(len(data))
+
+
+def query_accuracy(output: Tensor, target: Tensor) -> float:
+    return (output.argmax(-1) == target).double().mean().item()
+
+
+@dataclass
+class EvaluationResult:
+    """Mean score (percent for accuracy) and its 95% CI over `episodes` episodes, with how it was obtained."""
+
+    accuracy: float
+    ci95: float
+    episodes: int
+    ways: int
+    shots: int
+    queries: int
+    bn_mode: str
+    seconds: float
+    dataset: str
+    seed: int
+    per_episode: list[float] = field(repr=False, default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.ways}-way {self.shots}-shot on {self.dataset}: {self.accuracy:.2f}% +- {self.ci95:.2f}% "
+                f"(95% CI, {self.episodes} episodes, {self.queries} queries/class, batch norm: {self.bn_mode})")
+
+    def as_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.pop("per_episode")
+        return row
+
+
+def evaluate(learner: Learner, episodes: EpisodeSet, bn_mode: str = "inference",
+             device: torch.device | str | None = None, progress: bool = True,
+             metric: Callable[[Tensor, Tensor], float] = query_accuracy) -> EvaluationResult:
+    """Score `learner` on every episode of `episodes`: adapt to the support set, predict the queries.
+
+    Batch norm uses running statistics ("inference", the default) unless bn_mode="transductive".
+    """
+    device = torch.device(device) if device is not None else next(learner.parameters()).device
+    scores: list[float] = []
+    start = time.perf_counter()
+    with batchnorm_mode(learner, bn_mode), torch.no_grad():
+        for episode in tqdm(episodes, desc="evaluating", disable=not progress, leave=False):
+            episode = episode.to(device)
+            predictor = learner.adapt(episode.support_x, episode.support_y)
+            scores.append(metric(predictor(episode.query_x), episode.query_y))
+    mean, ci = mean_ci95(scores)
+    return EvaluationResult(accuracy=100 * mean, ci95=100 * ci, episodes=len(scores), ways=episodes.ways,
+                            shots=episodes.shots, queries=episodes.queries, bn_mode=bn_mode,
+                            seconds=time.perf_counter() - start, dataset=episodes.dataset.name,
+                            seed=episodes.seed, per_episode=scores)

@@ -1,0 +1,42 @@
+"""Prototypical Networks (Snell, Swersky and Zemel, 2017): classify queries by squared Euclidean distance to
+class prototypes, the mean embedding of each class's support examples."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kshot.episode import Episode
+from kshot.learners.base import Learner, Predictor, accuracy, classes_in
+from kshot.learners.metric import class_means, squared_euclidean
+
+
+def embed_episode(backbone: torch.nn.Module, batch: Episode) -> tuple[Tensor, Tensor]:
+    """Support and query features [..., M, D] from one forward pass over both (shared batch-norm batch)."""
+    lead = batch.support_x.shape[:-4]
+    support = batch.support_x.reshape(-1, *batch.support_x.shape[-3:])
+    query = batch.query_x.reshape(-1, *batch.query_x.shape[-3:])
+    features = backbone(torch.cat([support, query]))
+    return (features[: len(support)].reshape(*lead, batch.support_x.shape[-4], -1),
+            features[len(support):].reshape(*lead, batch.query_x.shape[-4], -1))
+
+
+class ProtoNet(Learner):
+    """Prototypical Networks with squared Euclidean distance, as in the paper."""
+
+    name = "protonet"
+
+    def loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
+        support, query = embed_episode(self.backbone, batch)
+        logits = -squared_euclidean(query, class_means(support, batch.support_y, batch.ways))
+        logits, labels = logits.reshape(-1, batch.ways), batch.query_y.reshape(-1)
+        return F.cross_entropy(logits, labels), {"accuracy": accuracy(logits, labels)}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        prototypes = class_means(self.backbone(support_x), support_y, classes_in(support_y))
+
+        def predict(query_x: Tensor) -> Tensor:
+            return -squared_euclidean(self.backbone(query_x), prototypes)
+
+        return predict

@@ -1,0 +1,6 @@
+"""Training: the trainer and checkpoints."""
+
+from kshot.training.checkpoint import CheckpointError, load_learner, save_checkpoint
+from kshot.training.trainer import RunExistsError, TrainConfig, Trainer
+
+__all__ = ["CheckpointError", "RunExistsError", "TrainConfig", "Trainer", "load_learner", "save_checkpoint"]
