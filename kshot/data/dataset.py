@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,7 +34,7 @@ class ClassDataset:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 tensor [count, channels, height, width], got "
                              f"{images.dtype} {tuple(images.shape)}")
-        offsets = torch.as_tensor(offsets, dtype=torch.long)
+        offsets = torch.as_tensor(offsets, dtype=torch.long).cpu()
         if offsets.dim() != 1 or len(offsets) != len(base_names) + 1 or offsets[0] != 0 \
                 or offsets[-1] != len(images) or bool((offsets[1:] < offsets[:-1]).any()):
             raise ValueError("offsets must be non-decreasing, start at 0, end at len(images), "
@@ -49,6 +50,11 @@ class ClassDataset:
         self.rotations = tuple(int(r) % 360 for r in rotations)
         self.name = name
         self._quarter_turns = torch.tensor([r // 90 for r in self.rotations], dtype=torch.long)
+        # NumPy copies of the index tables: sampling reads them for every episode.
+        self._offsets_np = self.offsets.numpy()
+        self._turns_np = self._quarter_turns.numpy()
+        self.class_counts = self.counts().numpy()
+        self.uneven_counts = bool(len(self.class_counts)) and bool((self.class_counts != self.class_counts.max()).any())
 
     # ----------------------------------------------------------------------------------------------- facts
     @property
@@ -112,22 +118,36 @@ class ClassDataset:
                             self.rotations, name or self.name)
 
     # ---------------------------------------------------------------------------------------- gathering
-    def gather(self, classes: Tensor, picks: Tensor) -> Tensor:
-        """Images for class ids `classes` [..., N] and within-class positions `picks` [..., N, S].
-
-        Returns uint8 images [..., N, S, C, H, W], each class's images turned by that class's rotation.
-        """
+    def images_at(self, classes: np.ndarray, positions: np.ndarray) -> Tensor:
+        """uint8 images [M, C, H, W] of class ids `classes` [M] at within-class `positions` [M], rotated as
+        their class says. This is the sampling hot path: one index_select, plus one gather for rotations."""
         rotations = len(self.rotations)
-        base = classes // rotations if rotations > 1 else classes
-        index = self.offsets.to(self.device)[base.to(self.device)].unsqueeze(-1) + picks.to(self.device)
-        images = self.images[index]
-        if rotations > 1 or self.rotations != (0,):
-            turns = self._quarter_turns[classes % rotations]
-            for k in turns.unique().tolist():
-                if k % 4:
-                    mask = (turns == k).to(self.device)
-                    images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
-        return images
+        index = self._offsets_np[classes // rotations] + positions
+        images = self.images.index_select(0, torch.from_numpy(index).to(self.device, non_blocking=True))
+        if self.rotations == (0,):
+            return images
+        turns = self._turns_np[classes % rotations]
+        perms = self._pixel_permutations().index_select(0, torch.from_numpy(turns).to(self.device))
+        flat = images.view(len(index), images.shape[1], -1)
+        return flat.gather(-1, perms.unsqueeze(1).expand_as(flat)).view_as(images)
+
+    def gather(self, classes: Tensor | np.ndarray, picks: Tensor | np.ndarray) -> Tensor:
+        """Images for class ids `classes` [..., N] and within-class positions `picks` [..., N, S]:
+        uint8 [..., N, S, C, H, W]."""
+        classes, picks = np.asarray(classes, dtype=np.int64), np.asarray(picks, dtype=np.int64)
+        expanded = np.broadcast_to(classes[..., None], picks.shape)
+        images = self.images_at(expanded.reshape(-1), picks.reshape(-1))
+        return images.view(*picks.shape, *self.images.shape[1:])
+
+    def _pixel_permutations(self) -> Tensor:
+        """For k quarter turns, the source pixel of each output pixel: [4, H*W] (cached per device)."""
+        cached = getattr(self, "_perms", None)
+        if cached is None or cached.device != self.device:
+            height, width = self.images.shape[-2:]
+            grid = torch.arange(height * width, device=self.device).view(height, width)
+            cached = torch.stack([torch.rot90(grid, k, dims=(0, 1)).flatten() for k in range(4)])
+            self._perms = cached
+        return cached
 
     def all_images(self) -> tuple[Tensor, Tensor]:
         """Every (image, class id) pair, rotations included: uint8 images [M, C, H, W] and labels [M]."""
@@ -137,7 +157,7 @@ class ClassDataset:
         picks = torch.arange(max_count).expand(self.num_classes, max_count)
         valid = picks < counts.unsqueeze(1)
         picks = torch.where(valid, picks, 0)
-        images = self.gather(classes, picks)
+        images = self.gather(classes.numpy(), picks.numpy())
         labels = classes.unsqueeze(1).expand_as(picks)
         return images[valid.to(self.device)], labels[valid]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.request
@@ -53,7 +54,7 @@ def download(url: str, target: Path, md5: str | None, progress: bool = True, tim
                         bar.update(len(block))
                 if total is not None and out.tell() != total:
                     raise DownloadError(f"{url}: got {out.tell()} bytes of {total}; the transfer was cut short")
-        except OSError as error:
+        except (OSError, http.client.HTTPException) as error:
             raise DownloadError(f"could not download {url}: {error}. Check the network, or place the file "
                                 f"at {target} yourself") from error
         if md5 is not None:

@@ -1,6 +1,6 @@
 """Where episodes are sampled: N-way K-shot Q-query tasks, meta-batches, and fixed evaluation episode sets.
 
-Sampling draws class ids and within-class positions as index tensors from a seeded CPU generator (so the same
+Sampling draws class ids and within-class positions as index arrays from a seeded NumPy generator (so the same
 seed gives the same episodes in any process and on any device), then gathers uint8 images in one indexing op.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,8 +30,8 @@ def check_request(dataset: ClassDataset, ways: int, shots: int, queries: int) ->
         raise EpisodeRequestError(
             f"{ways}-way episodes need {ways} classes but {dataset.name} has only {dataset.num_classes}; "
             f"lower ways or use a larger split")
-    counts = dataset.counts()
-    short = (counts < shots + queries).nonzero().flatten()
+    counts = dataset.class_counts
+    short = np.flatnonzero(counts < shots + queries)
     if len(short):
         names = dataset.class_names()
         examples = ", ".join(f"{names[i]} ({int(counts[i])})" for i in short[:5].tolist())
@@ -41,50 +42,74 @@ def check_request(dataset: ClassDataset, ways: int, shots: int, queries: int) ->
 
 
 def draw_indices(dataset: ClassDataset, ways: int, examples: int, batch: int,
-                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Class ids [batch, ways] (distinct within a task) and positions [batch, ways, examples] (distinct per class)."""
-    classes = torch.rand(batch, dataset.num_classes, generator=generator).argsort(dim=1)[:, :ways]
-    counts = dataset.counts()[classes]
-    max_count = int(counts.max())
-    keys = torch.rand(batch, ways, max_count, generator=generator)
-    if bool((counts != max_count).any()):
-        keys.masked_fill_(torch.arange(max_count) >= counts.unsqueeze(-1), 2.0)
-    picks = keys.argsort(dim=-1)[..., :examples]
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids [batch, ways] (distinct within a task, in random order) and within-class positions
+    [batch, ways, examples] (distinct within a class)."""
+    classes = np.stack([rng.choice(dataset.num_classes, ways, replace=False) for _ in range(batch)])
+    counts = dataset.class_counts[classes]
+    keys = rng.random((batch, ways, int(counts.max())))
+    if dataset.uneven_counts:
+        keys[np.arange(keys.shape[-1]) >= counts[..., None]] = 2.0  # positions past a class's end sort last
+    picks = keys.argsort(axis=-1)[..., :examples]
     return classes, picks
 
 
-def build_episode(dataset: ClassDataset, classes: Tensor, picks: Tensor, shots: int) -> Episode:
-    """Turn drawn indices into an `Episode` (batched when `classes` is [B, N]); the first `shots` picks of
-    each class are support, the rest query, so support and query never share an image."""
-    images = to_float(dataset.gather(classes, picks))  # [..., N, S, C, H, W]
-    ways = classes.shape[-1]
+class _Labels:
+    """Episode labels 0..N-1 in class-major order, made once per shape and device."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Tensor] = {}
+
+    def __call__(self, ways: int, per_class: int, device: torch.device) -> Tensor:
+        key = (ways, per_class, device)
+        if key not in self._cache:
+            self._cache[key] = torch.arange(ways, device=device).repeat_interleave(per_class)
+        return self._cache[key]
+
+
+labels_for = _Labels()
+
+
+def build_episode(dataset: ClassDataset, classes: np.ndarray, picks: np.ndarray, shots: int) -> Episode:
+    """Turn drawn indices into an `Episode` (a meta-batch when `classes` is [B, N]). The first `shots` picks of
+    each class are support and the rest query, so support and query never share an image."""
+    ways, per_class = classes.shape[-1], picks.shape[-1]
     lead = classes.shape[:-1]
-    queries = picks.shape[-1] - shots
-    labels = torch.arange(ways, device=images.device)
-    support_x = images[..., :shots, :, :, :].reshape(*lead, ways * shots, *images.shape[-3:])
-    query_x = images[..., shots:, :, :, :].reshape(*lead, ways * queries, *images.shape[-3:])
-    support_y = labels.repeat_interleave(shots).expand(*lead, ways * shots)
-    query_y = labels.repeat_interleave(queries).expand(*lead, ways * queries)
-    return Episode(support_x, support_y, query_x, query_y, classes.to(images.device))
+    queries = per_class - shots
+    # Support images of every task first, then query images, so one gather serves both as contiguous views.
+    flat_classes = classes.reshape(-1)
+    order_classes = np.concatenate([flat_classes.repeat(shots), flat_classes.repeat(queries)])
+    order_picks = np.concatenate([picks[..., :shots].reshape(-1), picks[..., shots:].reshape(-1)])
+    images = to_float(dataset.images_at(order_classes, order_picks))
+    n_support = flat_classes.size * shots
+    shape = images.shape[1:]
+    support_x = images[:n_support].view(*lead, ways * shots, *shape)
+    query_x = images[n_support:].view(*lead, ways * queries, *shape)
+    device = images.device
+    support_y = labels_for(ways, shots, device).expand(*lead, ways * shots)
+    query_y = labels_for(ways, queries, device).expand(*lead, ways * queries)
+    return Episode(support_x, support_y, query_x, query_y, torch.from_numpy(classes).to(device))
 
 
 class EpisodeSampler:
-    """An endless, seeded stream of N-way K-shot Q-query episodes (or meta-batches of them) from a dataset."""
+    """An endless, seeded stream of N-way K-shot Q-query episodes (or meta-batches of them) from a dataset.
+
+    Indices come from NumPy's PCG64 generator, so a seed gives the same episodes in any process and on any device.
+    """
 
     def __init__(self, dataset: ClassDataset, ways: int, shots: int, queries: int, seed: int = 0) -> None:
         check_request(dataset, ways, shots, queries)
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def sample(self) -> Episode:
         """One episode."""
-        classes, picks = draw_indices(self.dataset, self.ways, self.shots + self.queries, 1, self.generator)
+        classes, picks = draw_indices(self.dataset, self.ways, self.shots + self.queries, 1, self.rng)
         return build_episode(self.dataset, classes[0], picks[0], self.shots)
 
     def sample_batch(self, batch_size: int) -> Episode:
         """A meta-batch of `batch_size` episodes stacked along a leading dimension."""
-        classes, picks = draw_indices(self.dataset, self.ways, self.shots + self.queries, batch_size,
-                                      self.generator)
+        classes, picks = draw_indices(self.dataset, self.ways, self.shots + self.queries, batch_size, self.rng)
         return build_episode(self.dataset, classes, picks, self.shots)
 
     def __iter__(self) -> Iterator[Episode]:
@@ -92,10 +117,10 @@ class EpisodeSampler:
             yield self.sample()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        self.rng.bit_generator.state = state["rng"]
 
 
 class EpisodeSet:
@@ -111,8 +136,8 @@ class EpisodeSet:
             raise EpisodeRequestError(f"an episode set needs count >= 1, got {count}")
         self.dataset, self.ways, self.shots, self.queries, self.count, self.seed = \
             dataset, ways, shots, queries, count, seed
-        generator = torch.Generator().manual_seed(seed)
-        self.classes, self.picks = draw_indices(dataset, ways, shots + queries, count, generator)
+        rng = np.random.Generator(np.random.PCG64(seed))
+        self.classes, self.picks = draw_indices(dataset, ways, shots + queries, count, rng)
 
     def __len__(self) -> int:
         return self.count

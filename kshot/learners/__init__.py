@@ -6,9 +6,18 @@ from typing import Any
 
 from kshot.backbones import build_backbone
 from kshot.learners.base import EpisodeShape, EpisodeStream, Learner, Predictor
+from kshot.learners.baseline import Baseline, BaselinePlusPlus
+from kshot.learners.maml import ANIL, MAML, MetaSGD
+from kshot.learners.matching import MatchingNet
 from kshot.learners.protonet import ProtoNet
+from kshot.learners.relation import RelationNet
+from kshot.learners.reptile import Reptile
+from kshot.learners.siamese import SiameseNet
+from kshot.learners.simpleshot import SimpleShot
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (ProtoNet,)}
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (ProtoNet, MatchingNet, RelationNet,
+                                                                  MAML, ANIL, MetaSGD, Reptile, SiameseNet,
+                                                                  Baseline, BaselinePlusPlus, SimpleShot)}
 
 
 def register(cls: type[Learner]) -> type[Learner]:
@@ -30,5 +39,5 @@ def build_learner(learner: str, image_shape: tuple[int, ...], backbone: dict[str
     return built
 
 
-__all__ = ["LEARNERS", "EpisodeShape", "EpisodeStream", "Learner", "Predictor", "ProtoNet", "build_learner",
-           "register"]
+__all__ = ["ANIL", "LEARNERS", "MAML", "EpisodeShape", "EpisodeStream", "Learner", "MetaSGD", "Predictor",
+           "ProtoNet", "Reptile", "build_learner", "register"]

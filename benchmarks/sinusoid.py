@@ -1,0 +1,181 @@
+"""Sinusoid regression, MAML paper section 5.1 (Table 2 and Figure 2): MAML and the "pretrained on all tasks"
+baseline, MSE at K = 5 after 1, 5 and 10 gradient steps over 600 test tasks, and the Figure-2 plot.
+
+    python benchmarks/sinusoid.py                      # 70,000 iterations or a 15-minute CPU budget
+    python benchmarks/sinusoid.py --iterations 2000    # a quick look
+
+Writes benchmarks/results/sinusoid.json, benchmarks/results/sinusoid.png and refreshes BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+RESULT_PREFIX = "sinusoid"
+TITLE = "Sinusoid regression (MAML paper, Table 2)"
+PAPER = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
+STEPS = (0, 1, 5, 10)
+NETWORK = {"name": "mlp", "hidden": [40, 40], "out_features": 1}
+
+
+def build(inner_lr: float) -> Any:
+    """The paper's MLP 1-40-40-1 (ReLU) as a regression MAML learner (also used for the baseline's fine-tuning)."""
+    from kshot.learners import build_learner
+
+    return build_learner("maml", (1, 1, 1), NETWORK, {"task": "regression", "inner_lr": inner_lr, "inner_steps": 1})
+
+
+def train(learner: Any, stream: Any, iterations: int, budget_s: float, lr: float, pretrain: bool
+          ) -> tuple[int, float]:
+    """Adam on MAML's meta-loss (or, for the baseline, plain regression on every point); returns (steps, s)."""
+    optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
+    start, step = time.perf_counter(), 0
+    learner.train()
+    while step < iterations and time.perf_counter() - start < budget_s:
+        batch = next(stream)
+        if pretrain:
+            x = torch.cat([batch.support_x, batch.query_x], 1).reshape(-1, 1)
+            y = torch.cat([batch.support_y, batch.query_y], 1).reshape(-1, 1)
+            loss = F.mse_loss(learner(x), y)
+        else:
+            loss, _ = learner.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+    return step, time.perf_counter() - start
+
+
+def finetune_curve(learner: Any, test: Any, lr: float, steps: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Query MSE [tasks, steps + 1] after 0..steps SGD steps (lr) on each task's support points, and the
+    adapted parameters of the first task at every step (for the plot)."""
+    from kshot.learners.functional import inner_loop
+
+    errors, first = [], []
+    for index, task in enumerate(test):
+        params = {n: p.detach().requires_grad_() for n, p in learner.network_params().items()}
+        row = []
+        for step in range(steps + 1):
+            with torch.no_grad():
+                row.append(F.mse_loss(learner.call(params, task.query_x), task.query_y).item())
+            if index == 0:
+                first.append({n: p.detach() for n, p in params.items()})
+            if step < steps:
+                params = inner_loop(learner.call, params, task.support_x, task.support_y, learner.criterion, 1,
+                                    lr, create_graph=False)
+        errors.append(row)
+    return torch.tensor(errors), first
+
+
+def plot(path: Path, models: dict[str, Any], firsts: dict[str, list], task: Any, tasks: Any) -> None:
+    """Figure 2 of the paper: true function, pre-update, after 1 and 10 steps, and the K support points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = torch.linspace(-5, 5, 200).reshape(-1, 1)
+    y = tasks.function(task.classes.reshape(1, 2), x.unsqueeze(0))[0]
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), sharey=True)
+    for axis, (name, learner) in zip(axes, models.items(), strict=True):
+        axis.plot(x, y, color="red", label="ground truth")
+        for step, style in ((0, ":"), (1, "--"), (10, "-")):
+            with torch.no_grad():
+                axis.plot(x, learner.call(firsts[name][step], x), style, color="green",
+                          label="pre-update" if step == 0 else f"{step} grad step{'s' if step > 1 else ''}")
+        axis.scatter(task.support_x, task.support_y, marker="^", color="purple", zorder=3, label="used for grad")
+        axis.set_title({"maml": "MAML, K=5", "pretrained": "pretrained, K=5, step size 0.01"}[name])
+        axis.set_xlim(-5, 5)
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def section(rows: list[dict]) -> str:
+    """Markdown: the Table-2 comparison and how it was trained."""
+    lines = ["| method | K (test) | MSE pre-update | 1 step | 5 steps | 10 steps | paper (1 / 5 / 10) | "
+             "train iterations | train time | test tasks |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mse = r["mse"]
+        cells = [f"{mse[str(s)]:.2f} +- {r['ci95'][str(s)]:.2f}" for s in STEPS]
+        paper = " / ".join(f"{v:.2f}" for v in r["paper"].values())
+        lines.append(f"| {r['method']} | {r['k_test']} | {' | '.join(cells)} | {paper} | "
+                     f"{r['train_iterations']:,} of {r['paper_iterations']:,} | {r['train_seconds'] / 60:.1f} min | "
+                     f"{r['test_tasks']} |")
+    first = rows[0]
+    lines += ["", f"MLP 1-40-40-1 (ReLU); MAML trained with K = {first['k_train']}, one inner step, alpha "
+              f"{first['inner_lr']}, Adam {first['outer_lr']}, meta-batch {first['meta_batch']} "
+              f"(second order, strategy `vmap`); the baseline regresses every training point with the same "
+              f"optimiser. Test: SGD steps of size {first['inner_lr']} on K = {first['k_test']} points, MSE on "
+              f"{first['query_points']} query points per task, mean +- 95% CI over the tasks. "
+              f"{first['device']}, torch {first['torch']}, {first['date']}, commit {first['commit']}.",
+              "", f"Command: `{first['command']}`", "", "Plot (paper's Figure 2): `benchmarks/results/sinusoid.png`"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=70000, help="meta-iterations (paper: 70,000)")
+    parser.add_argument("--budget-s", type=float, default=900.0, help="wall-clock budget for MAML training")
+    parser.add_argument("--pretrain-budget-s", type=float, default=120.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument("--no-report", action="store_true", help="do not refresh BENCHMARKS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    sys.path.insert(0, str(HERE))
+    from kshot.data.sinusoid import SinusoidTasks
+    from kshot.learners import EpisodeShape
+    from kshot.pipeline import current_commit
+
+    tasks = SinusoidTasks()
+    shape = EpisodeShape(ways=1, shots=10, queries=10, meta_batch=25)
+    models, runs = {"maml": build(0.01)}, {}
+    runs["maml"] = train(models["maml"], tasks.stream(shape, args.seed), args.iterations, args.budget_s, 1e-3,
+                         pretrain=False)
+    print(f"maml: {runs['maml'][0]} iterations in {runs['maml'][1]:.0f} s", flush=True)
+    models["pretrained"] = build(0.01)
+    runs["pretrained"] = train(models["pretrained"], tasks.stream(shape, args.seed), args.iterations,
+                               args.pretrain_budget_s, 1e-3, pretrain=True)
+    print(f"pretrained: {runs['pretrained'][0]} iterations in {runs['pretrained'][1]:.0f} s", flush=True)
+    test = tasks.test_set(args.test_tasks, shots=5, queries=100, seed=args.seed + 1000)
+    rows, firsts = [], {}
+    for name, learner in models.items():
+        errors, firsts[name] = finetune_curve(learner, test, 0.01, max(STEPS))
+        mean = errors.mean(0)
+        ci = 1.959963984540054 * errors.std(0) / len(errors) ** 0.5
+        rows.append({"method": name, "k_train": 10, "k_test": 5, "inner_lr": 0.01, "outer_lr": 1e-3,
+                     "meta_batch": 25, "query_points": 100, "test_tasks": len(errors),
+                     "mse": {str(s): round(mean[s].item(), 4) for s in STEPS},
+                     "ci95": {str(s): round(ci[s].item(), 4) for s in STEPS},
+                     "paper": {str(s): v for s, v in PAPER[name].items()},
+                     "train_iterations": runs[name][0], "paper_iterations": 70000,
+                     "train_seconds": round(runs[name][1], 1), "device": f"cpu ({args.threads} thread(s))",
+                     "torch": torch.__version__.split("+")[0], "commit": current_commit(),
+                     "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/sinusoid.py " +
+                     " ".join(sys.argv[1:])})
+        print(name, {s: f"{mean[s]:.3f} +- {ci[s]:.3f}" for s in STEPS}, flush=True)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "sinusoid.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(results / "sinusoid.png", models, firsts, test.unbind()[0], tasks)
+    if not args.no_report:
+        from report import write_report
+
+        print(f"wrote {write_report()}")
+
+
+if __name__ == "__main__":
+    main()

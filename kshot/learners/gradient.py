@@ -1,0 +1,118 @@
+"""What the gradient-based learners (MAML, ANIL, Meta-SGD, Reptile) share: a network made of the backbone and
+a linear head of `ways` outputs (or the backbone alone for regression), its loss, validated options, and a
+training stream that also takes task families such as the sinusoids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kshot.episode import Episode
+from kshot.learners.base import EpisodeShape, Learner, accuracy, classes_in
+from kshot.learners.functional import Params
+
+TASKS = ("classification", "regression")
+
+
+def feature_dim(backbone: nn.Module, image_shape: tuple[int, ...]) -> int:
+    """Length of the backbone's output vector for one input of `image_shape`."""
+    if hasattr(backbone, "output_dim"):
+        return int(backbone.output_dim(tuple(image_shape)))
+    if isinstance(getattr(backbone, "out_features", None), int):
+        return int(backbone.out_features)
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone(torch.zeros(2, *image_shape))
+    backbone.train(was_training)
+    return out[0].numel()
+
+
+class FunctionalLearner(Learner):
+    """Base of the gradient-based learners; subclasses define `DEFAULTS`, `loss` and `adapt`."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {"ways": 5, "task": "classification"}
+
+    def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown {self.name} options {unknown}; known ones are {sorted(self.DEFAULTS)}")
+        super().__init__(backbone, image_shape, **{**self.DEFAULTS, **options})
+        task = self.options["task"]
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        ways = self.options["ways"]
+        if not isinstance(ways, int) or ways < 1:
+            raise ValueError(f"ways must be a positive integer, got {ways!r}")
+        self.head = nn.Linear(feature_dim(backbone, image_shape), ways) if task == "classification" else None
+
+    # --------------------------------------------------------------------------------------------- network
+    @property
+    def regression(self) -> bool:
+        return self.options["task"] == "regression"
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.backbone(x)
+        return self.head(out) if self.head is not None else out
+
+    def criterion(self, output: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy for classification, mean squared error for regression."""
+        return F.mse_loss(output, target) if self.regression else F.cross_entropy(output, target)
+
+    def network_params(self) -> Params:
+        """The network's parameters by name (backbone and head), as `functional_call` on self expects them."""
+        return {n: p for n, p in self.named_parameters() if n.startswith(("backbone.", "head."))}
+
+    def call(self, params: Params, x: Tensor) -> Tensor:
+        """The network applied to `x` with `params` in place of its own parameters."""
+        return torch.func.functional_call(self, params, (x,))
+
+    # --------------------------------------------------------------------------------------------- checks
+    def check_episode(self, batch: Any) -> Episode:
+        """`batch` as a meta-batch Episode (a single episode gets a leading dimension of 1), checked."""
+        if not isinstance(batch, Episode):
+            raise TypeError(f"{self.name} trains on Episode batches, got {type(batch).__name__}")
+        if not self.regression and batch.ways != self.options["ways"]:
+            raise ValueError(f"{self.name} has a {self.options['ways']}-way head but got a {batch.ways}-way "
+                             f"episode; set options.ways to {batch.ways} or train on {self.options['ways']}-way "
+                             f"episodes")
+        if batch.is_batched:
+            return batch
+        return Episode(*(t.unsqueeze(0) for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                                                   batch.classes)))
+
+    def check_support(self, support_y: Tensor) -> None:
+        """Raise a clear error when a test support set does not fit the head."""
+        if self.regression:
+            return
+        ways = classes_in(support_y)
+        if ways != self.options["ways"]:
+            raise ValueError(f"{self.name} has a {self.options['ways']}-way head but the support set has {ways} "
+                             f"classes; evaluate on {self.options['ways']}-way episodes or retrain with ways={ways}")
+
+    def metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """Query accuracy (classification) or mean squared error (regression) of detached outputs."""
+        if self.regression:
+            return {"mse": F.mse_loss(outputs, targets).item()}
+        return {"accuracy": accuracy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))}
+
+    # ----------------------------------------------------------------------------------------- training
+    def training_stream(self, dataset: Any, shape: EpisodeShape, seed: int) -> Iterator[Any]:
+        """Episodes of a ClassDataset, or the tasks of a task family with a `stream(shape, seed)` method
+        (e.g. `kshot.data.sinusoid.SinusoidTasks`), so the Trainer runs regression unchanged."""
+        if hasattr(dataset, "stream"):
+            return dataset.stream(shape, seed)
+        return super().training_stream(dataset, shape, seed)
+
+
+def surrogate_loss(value: Tensor, params: list[Tensor], grads: list[Tensor | None]) -> Tensor:
+    """A scalar equal to `value` whose gradient w.r.t. `params` is `grads` (already computed elsewhere), so a
+    learner that computed its own gradients still hands the trainer an ordinary loss to backpropagate."""
+    inner = sum((p * g.detach()).sum() for p, g in zip(params, grads) if g is not None)
+    if not isinstance(inner, Tensor):
+        return value.detach()
+    return value.detach() + inner - inner.detach()

@@ -1,0 +1,170 @@
+"""MAML (Finn, Abbeel and Levine, 2017), first-order MAML, ANIL (Raghu et al., 2020) and Meta-SGD (Li et al.,
+2017): learn an initialisation from which a few SGD steps on a support set fit the task.
+
+Model-agnostic through `torch.func.functional_call`: the inner loop updates a dict of tensors, never the
+module. Batch norm: during training the inner loop and the query pass use batch statistics (the learner is
+in train mode, as in the MAML reference code); at test the evaluator's bn_mode decides (the MAML recipes use
+"transductive", the paper's). Memory bounds: `first_order`, fewer `inner_steps`, or `per_task_backward`,
+which backpropagates each task as soon as its loss is known so that only one task's graph is alive.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kshot.episode import Episode
+from kshot.learners.base import Predictor
+from kshot.learners.functional import Params, func_inner_loop, inner_loop, pick_strategy
+from kshot.learners.gradient import FunctionalLearner, surrogate_loss
+
+
+class MAML(FunctionalLearner):
+    """Model-Agnostic Meta-Learning; `first_order: true` gives first-order MAML."""
+
+    name = "maml"
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "ways": 5, "task": "classification", "inner_steps": 1, "inner_lr": 0.4, "test_inner_steps": None,
+        "test_inner_lr": None, "first_order": False, "per_task_backward": False, "strategy": "auto"}
+
+    def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
+        super().__init__(backbone, image_shape, **options)
+        for key in ("inner_steps", "test_inner_steps"):
+            value = self.options[key]
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+        pick_strategy(self, self.options["strategy"], torch.device("cpu"))  # fail early on a bad strategy
+
+    # ------------------------------------------------------------------------------- what the loop adapts
+    def adapted_params(self) -> Params:
+        """The parameters the inner loop updates (all of the network for MAML)."""
+        return self.network_params()
+
+    def body(self, x: Tensor) -> Tensor:
+        """The part of the network that the inner loop does not adapt (none for MAML)."""
+        return x
+
+    def adapted_call(self, params: Params, features: Tensor) -> Tensor:
+        """The adapted part of the network on the output of `body`."""
+        return self.call(params, features)
+
+    def inner_lrs(self, test: bool = False) -> float | dict[str, Tensor]:
+        """The inner learning rate: one float (MAML, ANIL) or a tensor per parameter (Meta-SGD)."""
+        lr = self.options["test_inner_lr"] if test else None
+        return float(lr if lr is not None else self.options["inner_lr"])
+
+    # --------------------------------------------------------------------------------------------- training
+    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+        """Query loss and outputs of one task after the inner loop (the "loop" strategy)."""
+        adapted = inner_loop(self.adapted_call, self.adapted_params(), self.body(support_x), support_y,
+                             self.criterion, self.options["inner_steps"], self.inner_lrs(),
+                             create_graph=not self.options["first_order"])
+        outputs = self.adapted_call(adapted, self.body(query_x))
+        return self.criterion(outputs, query_y), outputs
+
+    def vmap_losses(self, batch: Episode) -> tuple[Tensor, Tensor]:
+        """Query losses [B] and outputs of a meta-batch with `torch.func.vmap` over tasks."""
+        lrs = self.inner_lrs()
+
+        def one_task(params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+            adapted = func_inner_loop(self.adapted_call, params, self.body(sx), sy, self.criterion,
+                                      self.options["inner_steps"], lrs, self.options["first_order"])
+            outputs = self.adapted_call(adapted, self.body(qx))
+            return self.criterion(outputs, qy), outputs
+
+        return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0))(
+            self.adapted_params(), batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+
+    def loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
+        """Mean query loss after the inner loop over the tasks of a meta-batch (or one episode)."""
+        batch = self.check_episode(batch)
+        strategy = pick_strategy(self, self.options["strategy"], batch.support_x.device)
+        if strategy == "vmap" and not self.options["per_task_backward"]:
+            losses, outputs = self.vmap_losses(batch)
+            return losses.mean(), self.metrics(outputs.detach(), batch.query_y)
+        tasks = batch.batch_size
+        outer = [p for p in self.parameters() if p.requires_grad]
+        grads: list[Tensor | None] = [None] * len(outer)
+        losses, outputs = [], []
+        for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
+            task_loss, task_outputs = self.task_loss(sx, sy, qx, qy)
+            if self.options["per_task_backward"]:
+                task_grads = torch.autograd.grad(task_loss / tasks, outer, allow_unused=True)
+                grads = [g if t is None else (t if g is None else g + t) for g, t in zip(grads, task_grads)]
+                task_loss = task_loss.detach()
+            losses.append(task_loss)
+            outputs.append(task_outputs.detach())
+        loss = torch.stack(losses).mean()
+        if self.options["per_task_backward"]:
+            loss = surrogate_loss(loss, outer, grads)
+        return loss, self.metrics(torch.stack(outputs), batch.query_y)
+
+    # -------------------------------------------------------------------------------------------- inference
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """Fine-tune a copy of the adapted parameters on the support set (works inside torch.no_grad)."""
+        self.check_support(support_y)
+        steps = self.options["test_inner_steps"]
+        steps = self.options["inner_steps"] if steps is None else steps
+        lrs = self.inner_lrs(test=True)
+        lrs = lrs if isinstance(lrs, float) else {n: lr.detach() for n, lr in lrs.items()}
+        with torch.no_grad():
+            features = self.body(support_x)
+        with torch.enable_grad():
+            params = {n: p.detach().requires_grad_() for n, p in self.adapted_params().items()}
+            adapted = inner_loop(self.adapted_call, params, features, support_y, self.criterion, steps, lrs,
+                                 create_graph=False)
+        adapted = {n: p.detach() for n, p in adapted.items()}
+
+        def predict(query_x: Tensor) -> Tensor:
+            return self.adapted_call(adapted, self.body(query_x))
+
+        return predict
+
+
+class ANIL(MAML):
+    """Almost No Inner Loop: the inner loop adapts only the linear head; the backbone is learned by the outer
+    loop only, so support and query features are computed once per task."""
+
+    name = "anil"
+
+    def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
+        super().__init__(backbone, image_shape, **options)
+        if self.head is None:
+            raise ValueError("ANIL adapts the classification head; it needs task: classification")
+
+    def adapted_params(self) -> Params:
+        return dict(self.head.named_parameters())
+
+    def body(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def adapted_call(self, params: Params, features: Tensor) -> Tensor:
+        return torch.func.functional_call(self.head, params, (features,))
+
+
+def lr_key(name: str) -> str:
+    """A parameter name as a ParameterDict key (dots are not allowed there)."""
+    return name.replace(".", "__")
+
+
+class MetaSGD(MAML):
+    """Meta-SGD: MAML whose inner learning rates are learned, one per parameter entry, by the outer optimiser.
+
+    The rates start at `inner_lr`; at test the learned rates are used (test_inner_lr is ignored).
+    """
+
+    name = "metasgd"
+
+    def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
+        super().__init__(backbone, image_shape, **options)
+        if self.options["test_inner_lr"] is not None:
+            raise ValueError("Meta-SGD learns its inner learning rates; leave test_inner_lr unset")
+        self.learned_lrs = nn.ParameterDict({
+            lr_key(n): nn.Parameter(torch.full_like(p, float(self.options["inner_lr"])))
+            for n, p in self.adapted_params().items()})
+
+    def inner_lrs(self, test: bool = False) -> dict[str, Tensor]:
+        return {n: self.learned_lrs[lr_key(n)] for n in self.adapted_params()}

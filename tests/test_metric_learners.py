@@ -1,0 +1,210 @@
+"""Matching, Relation and Siamese networks, Baseline, Baseline++ and SimpleShot on tiny synthetic data: support
+order invariance, no query-label leaks, decreasing losses, checkpoint round trips and short Trainer runs."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import pytest
+import torch
+
+from kshot.data.dataset import ClassDataset
+from kshot.data.sampler import EpisodeSampler, EpisodeSet
+from kshot.data.supervised import SupervisedStream
+from kshot.episode import Episode
+from kshot.evaluation import evaluate
+from kshot.learners import Learner, build_learner
+from kshot.learners.base import EpisodeShape
+from kshot.training.checkpoint import load_learner, save_checkpoint
+from kshot.training.trainer import TrainConfig, Trainer
+
+IMAGE_SHAPE = (1, 16, 16)
+CONV = {"name": "conv4", "hidden": 8}
+SPECS = {
+    "matching": ("matching", CONV, {}),
+    "matching-fce": ("matching", CONV, {"fce": True, "processing_steps": 2}),
+    "relation": ("relation", {**CONV, "flatten": False}, {"relation_channels": 8}),
+    "siamese-bce": ("siamese", CONV, {"head": "bce", "batch_size": 16}),
+    "siamese-contrastive": ("siamese", CONV, {"head": "contrastive", "batch_size": 16}),
+    "baseline": ("baseline", CONV, {"batch_size": 16, "adapt_steps": 20}),
+    "baseline++": ("baseline++", CONV, {"batch_size": 16, "adapt_steps": 20}),
+    "simpleshot": ("simpleshot", CONV, {"batch_size": 16}),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_dataset(classes: int = 10, per_class: int = 6, seed: int = 0, rotations=(0,)) -> ClassDataset:
+    """Random uint8 images whose classes differ in mean brightness, so a tiny network can learn them."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.rand(classes, 1, *IMAGE_SHAPE, generator=generator)
+    noise = torch.rand(classes, per_class, *IMAGE_SHAPE, generator=generator)
+    images = ((0.7 * base + 0.3 * noise) * 255).to(torch.uint8).reshape(-1, *IMAGE_SHAPE)
+    offsets = torch.arange(0, classes * per_class + 1, per_class)
+    return ClassDataset(images, offsets, [f"c{i}" for i in range(classes)], rotations=rotations, name="tiny")
+
+
+def make(key: str, dataset: ClassDataset | None = None, seed: int = 0) -> Learner:
+    torch.manual_seed(seed)
+    learner_name, backbone, options = SPECS[key]
+    learner = build_learner(learner_name, IMAGE_SHAPE, backbone, options)
+    learner.prepare(dataset or tiny_dataset())
+    return learner
+
+
+def warm_up(learner: Learner, dataset: ClassDataset, steps: int = 3) -> None:
+    """A few training steps, so batch-norm running statistics (and SimpleShot's mean) are not the initial ones."""
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    learner.train()
+    for batch in islice(learner.training_stream(dataset, EpisodeShape(5, 2, 2), seed=0), steps):
+        loss, _ = learner.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    learner.eval()
+
+
+def predict(learner: Learner, episode: Episode) -> torch.Tensor:
+    with torch.no_grad():
+        return learner.adapt(episode.support_x, episode.support_y)(episode.query_x)
+
+
+@pytest.mark.parametrize("key", SPECS)
+def test_predictions_do_not_depend_on_support_order(key):
+    dataset = tiny_dataset()
+    learner = make(key, dataset)
+    warm_up(learner, dataset)
+    episode = EpisodeSampler(dataset, ways=4, shots=3, queries=2, seed=1).sample()
+    reference = predict(learner, episode)
+    assert reference.shape == (8, 4)
+    for seed in range(3):
+        order = torch.randperm(len(episode.support_y), generator=torch.Generator().manual_seed(seed))
+        shuffled = Episode(episode.support_x[order], episode.support_y[order], episode.query_x, episode.query_y,
+                           episode.classes)
+        torch.testing.assert_close(predict(learner, shuffled), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", SPECS)
+def test_query_labels_never_reach_the_learner(key):
+    dataset = tiny_dataset()
+    learner = make(key, dataset)
+    warm_up(learner, dataset)
+    episode = EpisodeSampler(dataset, ways=4, shots=2, queries=3, seed=2).sample()
+    reference = predict(learner, episode)
+    # Shuffled query labels: the same predictions (the learner never sees them).
+    scrambled = episode.query_y[torch.randperm(len(episode.query_y))]
+    torch.testing.assert_close(predict(learner, Episode(episode.support_x, episode.support_y, episode.query_x,
+                                                        scrambled, episode.classes)), reference)
+    # Each query is scored on its own: scoring a subset of the queries gives the same rows.
+    with torch.no_grad():
+        predictor = learner.adapt(episode.support_x, episode.support_y)
+        torch.testing.assert_close(predictor(episode.query_x[3:7]), reference[3:7], atol=1e-5, rtol=1e-5)
+
+
+def test_episode_support_and_query_images_are_disjoint():
+    dataset = tiny_dataset()
+    episodes = EpisodeSet(dataset, ways=5, shots=2, queries=4, count=20, seed=0)
+    support, query = episodes.picks[..., :2], episodes.picks[..., 2:]
+    assert not bool((support.unsqueeze(-1) == query.unsqueeze(-2)).any())
+
+
+@pytest.mark.parametrize("key", SPECS)
+def test_loss_decreases_on_a_fixed_task(key):
+    dataset = tiny_dataset()
+    learner = make(key, dataset)
+    batch = next(learner.training_stream(dataset, EpisodeShape(5, 2, 3), seed=0))
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    learner.train()
+    losses = []
+    for _ in range(25):
+        loss, metrics = learner.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("key", SPECS)
+def test_checkpoint_round_trip_rebuilds_the_learner(key, tmp_path):
+    dataset = tiny_dataset()
+    learner = make(key, dataset)
+    warm_up(learner, dataset)
+    save_checkpoint(tmp_path / "ckpt", learner, {"note": "test"})
+    loaded, info = load_learner(tmp_path / "ckpt")
+    assert type(loaded) is type(learner)
+    assert loaded.options == learner.options
+    assert info["model"]["options"] == learner.options
+    loaded.eval()
+    episode = EpisodeSampler(dataset, ways=3, shots=2, queries=2, seed=3).sample()
+    torch.testing.assert_close(predict(loaded, episode), predict(learner, episode))
+
+
+@pytest.mark.parametrize("key", SPECS)
+def test_three_trainer_steps_then_evaluate(key, tmp_path):
+    dataset = tiny_dataset(rotations=(0, 180))
+    learner_name, backbone, options = SPECS[key]
+    learner = build_learner(learner_name, IMAGE_SHAPE, backbone, options)
+    config = TrainConfig(ways=5, shots=1, queries=2, steps=3, val_every=2, val_ways=3, val_shots=1,
+                         val_queries=2, val_episodes=4, log_every=1)
+    history = Trainer(learner, config, tmp_path / "run", progress=False).fit(dataset, dataset)
+    assert [row["step"] for row in history] == [2, 3]
+    assert "val_accuracy" in history[-1]
+    loaded, info = load_learner(tmp_path / "run" / "checkpoints" / "last")
+    assert info["step"] == 3
+    result = evaluate(loaded, EpisodeSet(dataset, 3, 1, 2, 4, seed=0), progress=False)
+    assert 0.0 <= result.accuracy <= 100.0
+
+
+@pytest.mark.parametrize("key", ["siamese-bce", "baseline++"])
+def test_training_resumes_exactly(key, tmp_path):
+    dataset = tiny_dataset()
+    learner_name, backbone, options = SPECS[key]
+    config = TrainConfig(steps=4, val_every=2, val_ways=3, val_queries=2, val_episodes=2, log_every=1)
+    torch.manual_seed(0)
+    straight = build_learner(learner_name, IMAGE_SHAPE, backbone, options)
+    Trainer(straight, config, tmp_path / "a", progress=False).fit(dataset, dataset)
+    torch.manual_seed(0)
+    first = build_learner(learner_name, IMAGE_SHAPE, backbone, options)
+    Trainer(first, TrainConfig(**{**config.__dict__, "steps": 2}), tmp_path / "b", progress=False).fit(dataset,
+                                                                                                        dataset)
+    torch.manual_seed(1)
+    resumed = build_learner(learner_name, IMAGE_SHAPE, backbone, options)
+    Trainer(resumed, config, tmp_path / "b", progress=False).fit(dataset, dataset, resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_supervised_stream_labels_match_images():
+    per_class, classes = 5, 6
+    images = torch.arange(classes * per_class, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    dataset = ClassDataset(images, torch.arange(0, classes * per_class + 1, per_class),
+                           [str(i) for i in range(classes)]).with_rotations((0, 90))
+    stream = SupervisedStream(dataset, batch_size=64, seed=0)
+    x, y = next(stream)
+    assert x.shape == (64, 1, 2, 2) and y.max() < dataset.num_classes
+    value = (x[:, 0, 0, 0] * 255).round().long()
+    assert torch.equal(value // per_class, y // 2)  # the image belongs to the base class of its label
+    again = SupervisedStream(dataset, batch_size=64, seed=0)
+    assert torch.equal(next(again)[1], y)
+
+
+def test_unknown_options_and_bad_backbones_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown option"):
+        build_learner("matching", IMAGE_SHAPE, CONV, {"fcee": True})
+    with pytest.raises(ValueError, match="flatten: false"):
+        build_learner("relation", IMAGE_SHAPE, CONV)
+    with pytest.raises(ValueError, match="feature vectors"):
+        build_learner("siamese", IMAGE_SHAPE, {**CONV, "flatten": False})
+    with pytest.raises(ValueError, match="head"):
+        build_learner("siamese", IMAGE_SHAPE, CONV, {"head": "triplet"})
+    learner = build_learner("baseline", IMAGE_SHAPE, CONV, {"num_classes": 3})
+    with pytest.raises(ValueError, match="classes"):
+        learner.prepare(tiny_dataset(classes=4))

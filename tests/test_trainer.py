@@ -1,0 +1,113 @@
+"""Trainer and checkpoints: exact resume, no silent overwrite, no half-written checkpoint, best and last."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import synthetic_dataset
+
+from kshot.learners import build_learner
+from kshot.training import RunExistsError, TrainConfig, Trainer, load_learner, save_checkpoint
+from kshot.training import checkpoint as checkpoint_module
+
+BACKBONE = {"name": "conv4", "hidden": 8}
+
+
+@pytest.fixture
+def data():
+    return synthetic_dataset(classes=10, per_class=6, size=16, seed=2)
+
+
+def make(data):
+    torch.manual_seed(0)
+    return build_learner("protonet", data.image_shape, BACKBONE)
+
+
+def config(steps, **extra):
+    return TrainConfig(ways=3, shots=1, queries=2, steps=steps, val_every=3, val_ways=3, val_queries=2,
+                       val_episodes=5, log_every=1, **extra)
+
+
+def weights(learner):
+    return {k: v.clone() for k, v in learner.state_dict().items()}
+
+
+def test_resumed_run_continues_exactly_where_it_stopped(data, tmp_path):
+    straight = make(data)
+    Trainer(straight, config(6), tmp_path / "straight", progress=False).fit(data, data)
+
+    first = make(data)
+    Trainer(first, config(3), tmp_path / "resumed", progress=False).fit(data, data)
+    second = make(data)  # a new process would rebuild the learner from scratch
+    trainer = Trainer(second, config(6), tmp_path / "resumed", progress=False)
+    trainer.fit(data, data, resume=True)
+    assert trainer.step == 6
+    for name, value in weights(straight).items():
+        assert torch.allclose(value.float(), second.state_dict()[name].float(), atol=1e-6), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    straight_steps = [json.loads(line)["step"]
+                      for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == straight_steps
+
+
+def test_resume_forgets_log_rows_written_after_the_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    Trainer(make(data), config(3), run, progress=False).fit(data, data)
+    with open(run / "metrics.jsonl", "a") as log:  # a crash after the checkpoint, before the next one
+        log.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    Trainer(make(data), config(6), run, progress=False).fit(data, data, resume=True)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(4) == 1 and steps == sorted(steps)
+
+
+def test_existing_run_is_never_silently_overwritten(data, tmp_path):
+    Trainer(make(data), config(3), tmp_path, progress=False).fit(data, data)
+    with pytest.raises(RunExistsError, match="--resume"):
+        Trainer(make(data), config(3), tmp_path, progress=False).fit(data, data)
+    Trainer(make(data), config(3), tmp_path, progress=False).fit(data, data, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Trainer(make(data), config(3), tmp_path / "empty", progress=False).fit(data, data, resume=True)
+
+
+def test_best_and_last_checkpoints_rebuild_the_learner(data, tmp_path):
+    learner = make(data)
+    trainer = Trainer(learner, config(6), tmp_path, progress=False)
+    history = trainer.fit(data, data)
+    assert [row["step"] for row in history] == [3, 6]
+    last, info = load_learner(trainer.last_dir)
+    assert info["step"] == 6 and info["model"]["learner"] == "protonet"
+    assert all(torch.equal(v, learner.state_dict()[k].cpu()) for k, v in last.state_dict().items())
+    best, best_info = load_learner(trainer.best_dir)
+    assert best_info["best_metric"] == max(row["val_accuracy"] for row in history)
+
+
+def test_failed_save_keeps_the_previous_checkpoint_whole(data, tmp_path, monkeypatch):
+    learner = make(data)
+    folder = tmp_path / "last"
+    save_checkpoint(folder, learner, {"step": 1})
+    with torch.no_grad():
+        next(learner.parameters()).add_(1.0)
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(folder, learner, {"step": 2})
+    restored, info = load_learner(folder)
+    assert info["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no partial folder left behind
+
+
+def test_time_budget_stops_early_and_still_saves(data, tmp_path):
+    trainer = Trainer(make(data), config(10_000, time_budget_s=0.5), tmp_path, progress=False)
+    history = trainer.fit(data, data)
+    assert 0 < trainer.step < 10_000 and history[-1]["step"] == trainer.step
+    assert (trainer.last_dir / "model.safetensors").is_file()
+
+
+def test_unknown_training_setting_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({"stepz": 3})
