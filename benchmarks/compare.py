@@ -1,12 +1,12 @@
 """Compare trained runs on exactly the same test episodes, and write the table to BENCHMARKS.md.
 
-    python benchmarks/compare.py runs/benchmarks/matching-omniglot-1shot runs/benchmarks/relation-omniglot-1shot \
-        --settings 5x1,5x5,20x1,20x5 --episodes 1000 --tag omniglot
+    python benchmarks/compare.py runs/benchmarks/matching-omniglot-1shot \\
+        runs/benchmarks/relation-omniglot-1shot --settings 5x1,5x5,20x1,20x5 --episodes 1000 --tag omniglot
 
-Each argument is a run folder (its checkpoints/best is used) or a checkpoint folder. The test split is the one
-the runs were trained with (they must agree); one `EpisodeSet` per N-way K-shot setting, with the same seed for
-every run, is built once and given to every learner. The dataset fingerprint and a digest of the episodes'
-indices are printed and recorded, to show the episodes were identical.
+Each argument is a run folder (its checkpoints/best is used) or a checkpoint folder. The test split is the
+one the runs were trained with (they must agree). One `EpisodeSet` per N-way K-shot setting, with the same
+seed for every run, is built once and given to every learner; the dataset fingerprint and a digest of the
+episodes' indices are printed and recorded, to show that the episodes were identical.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ def checkpoint_folder(path: str | Path) -> Path:
     for candidate in (folder / "checkpoints" / "best", folder / "best", folder):
         if (candidate / "checkpoint.json").is_file():
             return candidate
-    raise FileNotFoundError(f"{folder} is neither a run folder (with checkpoints/best) nor a checkpoint folder")
+    raise FileNotFoundError(f"{folder} is neither a run folder (with checkpoints/best) nor a checkpoint")
 
 
 def parse_settings(text: str) -> list[tuple[int, int]]:
-    """"5x1,20x5" -> [(5, 1), (20, 5)] (N-way, K-shot)."""
+    """"5x1,20x5" -> [(5, 1), (20, 5)]: (N-way, K-shot) pairs."""
     settings = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             ways, shots = (int(v) for v in part.lower().split("x"))
         except ValueError as error:
-            raise ValueError(f"bad setting {part!r}: write N-way K-shot settings as NxK, e.g. 5x1,20x5") from error
+            raise ValueError(f"bad setting {part!r}: write N-way K-shot as NxK, e.g. 5x1,20x5") from error
         settings.append((ways, shots))
     if not settings:
         raise ValueError("give at least one NxK setting")
@@ -50,20 +50,37 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 def episodes_digest(episodes: Any) -> str:
     """A short hash of the class ids and positions of every episode: equal digests, identical episodes."""
+    import numpy as np
+
     digest = hashlib.sha256()
-    digest.update(episodes.classes.numpy().tobytes())
-    digest.update(episodes.picks.numpy().tobytes())
+    for indices in (episodes.classes, episodes.picks):
+        digest.update(np.ascontiguousarray(np.asarray(indices), dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 
 def run_label(info: dict[str, Any], folder: Path, taken: set[str]) -> str:
-    """A readable, unique name for a run: its recipe's name, or its folder's."""
-    recipe = info.get("recipe") or {}
-    label = recipe.get("name") or folder.name
+    """A readable, unique name for a run: the name of its run folder, or of its recipe."""
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    label = run_dir.name or (info.get("recipe") or {}).get("name", "run")
     if label in taken:
         label = f"{label} ({folder})"
     taken.add(label)
     return label
+
+
+def load_runs(runs: Sequence[str], device: str) -> list[tuple[str, Path, Any, dict[str, Any]]]:
+    """(label, checkpoint folder, learner, checkpoint info) for each run."""
+    from kshot.training.checkpoint import load_learner
+
+    loaded = []
+    taken: set[str] = set()
+    for run in runs:
+        folder = checkpoint_folder(run)
+        learner, info = load_learner(folder, map_location=device)
+        if "recipe" not in info:
+            raise ValueError(f"{folder} does not say which dataset it was trained on (no recipe in its info)")
+        loaded.append((run_label(info, folder, taken), folder, learner, info))
+    return loaded
 
 
 def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: int = 1000, queries: int = 15,
@@ -74,22 +91,14 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
     from kshot.data.sampler import EpisodeSet
     from kshot.evaluation import evaluate
     from kshot.pipeline import current_commit, device_name
-    from kshot.training.checkpoint import load_learner
 
-    loaded = []
-    taken: set[str] = set()
-    for run in runs:
-        folder = checkpoint_folder(run)
-        learner, info = load_learner(folder, map_location=device)
-        if "recipe" not in info:
-            raise ValueError(f"{folder} does not say which dataset it was trained on (no recipe in checkpoint.json)")
-        loaded.append((run_label(info, folder, taken), folder, learner, info))
+    loaded = load_runs(runs, device)
     specs = {json.dumps(info["recipe"]["dataset"], sort_keys=True) for *_, info in loaded}
-    test_splits = {split or info["recipe"]["splits"].get("test", "test") for *_, info in loaded}
-    if len(specs) > 1 or len(test_splits) > 1:
+    splits = {split or info["recipe"]["splits"].get("test", "test") for *_, info in loaded}
+    if len(specs) > 1 or len(splits) > 1:
         raise ValueError(f"the runs were trained on different datasets or splits ({sorted(specs)}, "
-                         f"{sorted(test_splits)}); compare runs of one dataset")
-    dataset = load_dataset(json.loads(specs.pop()), test_splits.pop())
+                         f"{sorted(splits)}); compare runs of one dataset")
+    dataset = load_dataset(json.loads(specs.pop()), splits.pop())
     fingerprint = dataset.fingerprint()
     print(f"test set {dataset.name}: fingerprint {fingerprint}, {dataset.num_classes} classes", flush=True)
     if device != "cpu":
@@ -99,18 +108,21 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
     for ways, shots in settings:
         episode_set = EpisodeSet(dataset, ways, shots, queries, episodes, seed=seed)
         digest = episodes_digest(episode_set)
-        print(f"{ways}-way {shots}-shot: {episodes} episodes, seed {seed}, episodes digest {digest}", flush=True)
+        print(f"{ways}-way {shots}-shot: {episodes} episodes, seed {seed}, episodes digest {digest}",
+              flush=True)
         for label, folder, learner, info in loaded:
             mode = bn_mode or info["recipe"].get("bn_mode", "inference")
             result = evaluate(learner, episode_set, bn_mode=mode, device=device, progress=progress)
-            print(f"  {label:32s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ({result.seconds:.0f} s)", flush=True)
-            rows.append({"method": learner.name, "run": label, "checkpoint": str(folder), "dataset": dataset.name,
-                         "dataset_fingerprint": fingerprint, "episodes_digest": digest, "ways": ways,
-                         "shots": shots, "queries": queries, "episodes": episodes, "seed": seed,
-                         "accuracy": round(result.accuracy, 3), "ci95": round(result.ci95, 3), "bn_mode": mode,
-                         "train_steps": info.get("step"), "train_seconds": round(info.get("train_seconds", 0.0), 1),
-                         "eval_seconds": round(result.seconds, 1), "device": device_name(device),
-                         "commit": commit, "date": today})
+            print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ({result.seconds:.0f} s)",
+                  flush=True)
+            rows.append({
+                "method": learner.name, "run": label, "checkpoint": str(folder), "dataset": dataset.name,
+                "dataset_fingerprint": fingerprint, "episodes_digest": digest, "ways": ways, "shots": shots,
+                "queries": queries, "episodes": episodes, "seed": seed, "accuracy": round(result.accuracy, 3),
+                "ci95": round(result.ci95, 3), "bn_mode": mode, "train_steps": info.get("step"),
+                "train_seconds": round(info.get("train_seconds", 0.0), 1),
+                "eval_seconds": round(result.seconds, 1), "device": device_name(device), "commit": commit,
+                "date": today})
     return rows
 
 
@@ -120,26 +132,26 @@ def section(rows: list[dict[str, Any]]) -> str:
     for name in sorted({r.get("comparison", RESULT_PREFIX) for r in rows}):
         group = [r for r in rows if r.get("comparison", RESULT_PREFIX) == name]
         settings = sorted({(r["ways"], r["shots"]) for r in group})
-        runs = list(dict.fromkeys(r["run"] for r in group))
         cells = {(r["run"], r["ways"], r["shots"]): r for r in group}
         first = group[0]
         lines = [f"### {name}", "",
-                 f"{first['dataset']} (fingerprint `{first['dataset_fingerprint']}`), {first['episodes']} episodes "
-                 f"per setting, {first['queries']} queries a class, episode seed {first['seed']}; every run was "
-                 f"scored on the same episodes (digest per setting below). Device: {first['device']}.", "",
-                 "| run | method | train steps | train time | " + " | ".join(f"{w}-way {k}-shot" for w, k in settings)
-                 + " |", "|---|---|---|---|" + "---|" * len(settings)]
-        for run in runs:
-            any_row = next(r for r in group if r["run"] == run)
-            values = []
-            for ways, shots in settings:
-                row = cells.get((run, ways, shots))
-                values.append(f"{row['accuracy']:.2f} +- {row['ci95']:.2f}" if row else "")
-            minutes = (any_row.get("train_seconds") or 0) / 60
-            lines.append(f"| {run} | {any_row['method']} | {any_row.get('train_steps', '')} | {minutes:.1f} min | "
+                 f"Test set {first['dataset']} (fingerprint `{first['dataset_fingerprint']}`), "
+                 f"{first['episodes']} episodes per setting, {first['queries']} queries a class, "
+                 f"episode seed {first['seed']}: every "
+                 f"run was scored on the same episodes (digests below). Device: {first['device']}.", "",
+                 "| run | method | train steps | train time | "
+                 + " | ".join(f"{w}-way {k}-shot" for w, k in settings) + " |",
+                 "|---|---|---|---|" + "---|" * len(settings)]
+        for run in dict.fromkeys(r["run"] for r in group):
+            row = next(r for r in group if r["run"] == run)
+            values = [f"{cells[run, w, k]['accuracy']:.2f} +- {cells[run, w, k]['ci95']:.2f}"
+                      if (run, w, k) in cells else "" for w, k in settings]
+            minutes = (row.get("train_seconds") or 0) / 60
+            lines.append(f"| {run} | {row['method']} | {row.get('train_steps', '')} | {minutes:.1f} min | "
                          + " | ".join(values) + " |")
         digests = {(r["ways"], r["shots"]): r["episodes_digest"] for r in group}
-        lines += ["", "Episode digests: " + ", ".join(f"{w}-way {k}-shot `{d}`" for (w, k), d in sorted(digests.items()))]
+        lines += ["", "Episode digests: "
+                  + ", ".join(f"{w}-way {k}-shot `{d}`" for (w, k), d in sorted(digests.items()))]
         commands = sorted({r["command"] for r in group if r.get("command")})
         lines += ["", "Command:", ""] + [f"- `{c}`" for c in commands]
         parts.append("\n".join(lines))
@@ -147,9 +159,10 @@ def section(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders or checkpoint folders")
-    parser.add_argument("--settings", default="5x1,5x5,20x1,20x5", help="N-way K-shot settings, e.g. 5x1,20x5")
+    parser.add_argument("--settings", default="5x1,5x5,20x1,20x5", help="N-way K-shot settings: 5x1,20x5")
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
@@ -162,8 +175,8 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from report import RESULTS, write_report
 
-    rows = compare(args.runs, parse_settings(args.settings), args.episodes, args.queries, args.seed, args.device,
-                   args.split, args.bn_mode, progress=not args.no_progress)
+    rows = compare(args.runs, parse_settings(args.settings), args.episodes, args.queries, args.seed,
+                   args.device, args.split, args.bn_mode, progress=not args.no_progress)
     name = RESULT_PREFIX + (f"-{args.tag}" if args.tag else "")
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:])
     for row in rows:

@@ -150,6 +150,16 @@ def predict(checkpoint: str, support: str, queries: tuple[str, ...], device: str
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default RUN_DIR/curves.png).")
+def plot(run_dir: str, out: str | None) -> None:
+    """Plot a run's training loss and validation accuracy (+- 95% CI) against steps and time."""
+    from kshot.plots import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir, out)}")
+
+
+@cli.command()
 @click.argument("dataset", type=click.Choice(["omniglot"]))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Where datasets are cached ($KSHOT_DATA).")
 @click.option("--archives", type=click.Path(exists=True, file_okay=False),

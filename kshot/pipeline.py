@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ RESULTS_FILE = "results.json"
 
 
 def current_commit() -> str:
-    """The git commit of the kshot checkout (or "unknown" outside one)."""
+    """The git commit of the kshot checkout ($KSHOT_COMMIT where the tree was copied without .git)."""
+    if os.environ.get("KSHOT_COMMIT"):
+        return os.environ["KSHOT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)

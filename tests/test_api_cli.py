@@ -58,8 +58,8 @@ def test_image_folder_errors_say_what_is_wrong(tmp_path):
 def test_keras_like_api_fit_evaluate_adapt_predict_save_load(tmp_path):
     data = synthetic_dataset(classes=10, per_class=8, size=16, seed=1)
     model = FewShotModel("protonet", backbone={"name": "conv4", "hidden": 8}, device="cpu")
-    history = model.fit(data, val=data, ways=5, shots=1, queries=3, steps=30, val_every=15, val_episodes=10, val_queries=3,
-                        run_dir=tmp_path / "run", progress=False)
+    history = model.fit(data, val=data, ways=5, shots=1, queries=3, steps=30, val_every=15, val_episodes=10,
+                        val_queries=3, run_dir=tmp_path / "run", progress=False)
     assert [row["step"] for row in history] == [15, 30]
     result = model.evaluate(data, ways=5, shots=1, queries=3, episodes=40, progress=False)
     assert result.accuracy > 60  # toy classes are easy; chance is 20%
@@ -107,6 +107,9 @@ evaluate:
     assert out.exit_code == 0, out.output
     lines = out.output.strip().splitlines()
     assert len(lines) == 6 and all(line.split("\t")[1].startswith("class") for line in lines)
+    out = runner.invoke(cli, ["plot", str(run)])
+    assert out.exit_code == 0, out.output
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     again = runner.invoke(cli, ["train", str(recipe), "--data", str(folder), "--out", str(run), "--device", "cpu"])
     assert again.exit_code != 0 and "already holds a training run" in str(again.exception)
 

@@ -19,6 +19,15 @@ CONV = {"name": "conv4", "hidden": 4, "depth": 2}
 MLP = {"name": "mlp", "hidden": [6]}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_dataset(classes: int = 6, per_class: int = 5, seed: int = 0) -> ClassDataset:
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (classes * per_class, *IMAGE), dtype=torch.uint8, generator=generator)
@@ -143,6 +152,8 @@ def test_loss_decreases_on_a_tiny_fixed_task(name, options):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0) if name == "reptile" else \
         torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
+    with torch.no_grad():
+        start = [model.criterion(model(t.support_x), t.support_y).item() for t in batch]
     losses = []
     for _ in range(15):
         loss, _ = model.loss(batch)
@@ -150,11 +161,10 @@ def test_loss_decreases_on_a_tiny_fixed_task(name, options):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    if name == "reptile":  # the surrogate is a distance; check the adapted query loss instead
+    if name == "reptile":  # the surrogate is a distance; the initialisation must come to fit the tasks better
         with torch.no_grad():
-            predictor = model.adapt(batch.support_x[0], batch.support_y[0])
-            assert predictor(batch.query_x[0]).shape == (6, 3)
-        assert losses[-1] < losses[0] * 10
+            fitted = [model.criterion(model(t.support_x), t.support_y).item() for t in batch]
+        assert sum(fitted) < 0.8 * sum(start)
     else:
         assert losses[-1] < 0.8 * losses[0]
 

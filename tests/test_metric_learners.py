@@ -1,5 +1,5 @@
-"""Matching, Relation and Siamese networks, Baseline, Baseline++ and SimpleShot on tiny synthetic data: support
-order invariance, no query-label leaks, decreasing losses, checkpoint round trips and short Trainer runs."""
+"""Matching, Relation and Siamese networks, Baseline, Baseline++ and SimpleShot on tiny synthetic data:
+support order invariance, no query-label leaks, falling losses, checkpoint round trips, short Trainer runs."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def make(key: str, dataset: ClassDataset | None = None, seed: int = 0) -> Learne
 
 
 def warm_up(learner: Learner, dataset: ClassDataset, steps: int = 3) -> None:
-    """A few training steps, so batch-norm running statistics (and SimpleShot's mean) are not the initial ones."""
+    """A few training steps, so batch-norm running statistics (and SimpleShot's mean) are not initial."""
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     learner.train()
     for batch in islice(learner.training_stream(dataset, EpisodeShape(5, 2, 2), seed=0), steps):
@@ -85,8 +85,8 @@ def test_predictions_do_not_depend_on_support_order(key):
     assert reference.shape == (8, 4)
     for seed in range(3):
         order = torch.randperm(len(episode.support_y), generator=torch.Generator().manual_seed(seed))
-        shuffled = Episode(episode.support_x[order], episode.support_y[order], episode.query_x, episode.query_y,
-                           episode.classes)
+        shuffled = Episode(episode.support_x[order], episode.support_y[order], episode.query_x,
+                           episode.query_y, episode.classes)
         torch.testing.assert_close(predict(learner, shuffled), reference, atol=1e-5, rtol=1e-5)
 
 
@@ -110,7 +110,8 @@ def test_query_labels_never_reach_the_learner(key):
 def test_episode_support_and_query_images_are_disjoint():
     dataset = tiny_dataset()
     episodes = EpisodeSet(dataset, ways=5, shots=2, queries=4, count=20, seed=0)
-    support, query = episodes.picks[..., :2], episodes.picks[..., 2:]
+    picks = torch.as_tensor(episodes.picks)
+    support, query = picks[..., :2], picks[..., 2:]
     assert not bool((support.unsqueeze(-1) == query.unsqueeze(-2)).any())
 
 
@@ -173,8 +174,8 @@ def test_training_resumes_exactly(key, tmp_path):
     Trainer(straight, config, tmp_path / "a", progress=False).fit(dataset, dataset)
     torch.manual_seed(0)
     first = build_learner(learner_name, IMAGE_SHAPE, backbone, options)
-    Trainer(first, TrainConfig(**{**config.__dict__, "steps": 2}), tmp_path / "b", progress=False).fit(dataset,
-                                                                                                        dataset)
+    halfway = TrainConfig(**{**config.__dict__, "steps": 2})
+    Trainer(first, halfway, tmp_path / "b", progress=False).fit(dataset, dataset)
     torch.manual_seed(1)
     resumed = build_learner(learner_name, IMAGE_SHAPE, backbone, options)
     Trainer(resumed, config, tmp_path / "b", progress=False).fit(dataset, dataset, resume=True)
@@ -184,7 +185,8 @@ def test_training_resumes_exactly(key, tmp_path):
 
 def test_supervised_stream_labels_match_images():
     per_class, classes = 5, 6
-    images = torch.arange(classes * per_class, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    images = torch.arange(classes * per_class, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    images = images.contiguous()
     dataset = ClassDataset(images, torch.arange(0, classes * per_class + 1, per_class),
                            [str(i) for i in range(classes)]).with_rotations((0, 90))
     stream = SupervisedStream(dataset, batch_size=64, seed=0)

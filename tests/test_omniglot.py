@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib
 import io
 import threading
 import zipfile
@@ -15,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import importlib
 from kshot.data.download import DownloadError, download
 from kshot.data.omniglot import OmniglotError, load_omniglot, omniglot
 

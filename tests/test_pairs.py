@@ -59,6 +59,7 @@ def test_bad_requests_are_clear_errors():
     one_class = ClassDataset(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 4]), ["only"])
     with pytest.raises(ValueError, match="2 classes"):
         PairSampler(one_class, 8)
-    single_images = ClassDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2]), ["a", "b"])
+    single_images = ClassDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2]),
+                                 ["a", "b"])
     with pytest.raises(ValueError, match="2 examples"):
         PairSampler(single_images, 8)

@@ -15,7 +15,7 @@ from kshot.data.dataset import ClassDataset, to_float
 
 
 class PairSampler:
-    """An endless, seeded stream of balanced pair batches: (first [P, C, H, W], second, same [P] in {0., 1.})."""
+    """An endless, seeded stream of balanced pair batches: (first [P, C, H, W], second, same [P] 0 or 1)."""
 
     def __init__(self, dataset: ClassDataset, batch_size: int = 128, seed: int = 0) -> None:
         if not isinstance(batch_size, int) or batch_size < 2 or batch_size % 2:
@@ -25,8 +25,9 @@ class PairSampler:
             raise ValueError(f"pairs need at least 2 classes, but {dataset.name} has {dataset.num_classes}")
         counts = dataset.counts()
         if bool((counts < 2).any()):
-            raise ValueError(f"same-class pairs need 2 examples of every class, but {int((counts < 2).sum())} "
-                             f"classes of {dataset.name} have fewer; remove them")
+            short = int((counts < 2).sum())
+            raise ValueError(f"same-class pairs need 2 examples of every class, but {short} classes of "
+                             f"{dataset.name} have fewer; remove them")
         self.dataset, self.batch_size = dataset, batch_size
         self.counts = counts
         self.generator = torch.Generator().manual_seed(seed)

@@ -1,5 +1,5 @@
-"""Plain supervised batches over all classes of a `ClassDataset` (rotations included), for the pretraining of
-Baseline, Baseline++ and SimpleShot: (images, class ids) drawn uniformly over examples, seeded and resumable."""
+"""Plain supervised batches over all classes of a `ClassDataset` (rotations included), for the pretraining
+of Baseline, Baseline++ and SimpleShot: (images, class ids) drawn uniformly, seeded and resumable."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class Baseline(SupervisedLearner):
     defaults: dict[str, Any] = {**SupervisedLearner.defaults, "adapt_steps": 100, "adapt_lr": 0.1}
 
     def new_head(self, ways: int) -> nn.Module:
-        """The head fitted to a task: the same initial weights for the same N, so predictions are repeatable."""
+        """The head fitted to a task: the same initial weights for the same N, so results are repeatable."""
         return linear_head(self.feature_dim, ways, torch.Generator().manual_seed(0))
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
@@ -65,7 +65,9 @@ class BaselinePlusPlus(Baseline):
         return float(scale) if scale is not None else chen_scale(classes)
 
     def make_classifier(self, classes: int) -> nn.Module:
-        return CosineClassifier(self.feature_dim, classes, self.head_scale(classes), torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        return CosineClassifier(self.feature_dim, classes, self.head_scale(classes), generator)
 
     def new_head(self, ways: int) -> nn.Module:
-        return CosineClassifier(self.feature_dim, ways, self.head_scale(ways), torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        return CosineClassifier(self.feature_dim, ways, self.head_scale(ways), generator)

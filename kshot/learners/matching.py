@@ -50,8 +50,8 @@ class SupportContext(nn.Module):
 
 
 class QueryAttention(nn.Module):
-    """f(x, S) = attLSTM(f'(x), g(S), K): K steps of an LSTM whose hidden state is [h, r], r a read-out of g(S)
-    by softmax(h . g(x_i)) attention, with the skip connection h_k = h^_k + f'(x)."""
+    """f(x, S) = attLSTM(f'(x), g(S), K): K steps of an LSTM whose hidden state is [h, r], r a read-out of
+    g(S) by softmax(h . g(x_i)) attention, with the skip connection h_k = h^_k + f'(x)."""
 
     def __init__(self, dim: int, steps: int) -> None:
         super().__init__()

@@ -15,5 +15,6 @@ def class_means(features: Tensor, labels: Tensor, ways: int) -> Tensor:
 
 def squared_euclidean(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise squared Euclidean distances: a [..., P, D], b [..., R, D] -> [..., P, R]."""
-    return (a.unsqueeze(-2) - b.unsqueeze(-3)).pow(2).sum(-1) if a.shape[-1] <= 8 else \
-        (a.pow(2).sum(-1, keepdim=True) - 2 * a @ b.transpose(-1, -2) + b.pow(2).sum(-1).unsqueeze(-2)).clamp_min(0)
+    # ||a||^2 - 2 a.b + ||b||^2: one matrix product instead of a [P, R, D] difference tensor.
+    cross = a @ b.transpose(-1, -2)
+    return (a.pow(2).sum(-1, keepdim=True) - 2 * cross + b.pow(2).sum(-1).unsqueeze(-2)).clamp_min(0)

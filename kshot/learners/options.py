@@ -17,7 +17,7 @@ def read_options(learner: str, options: dict[str, Any], defaults: dict[str, Any]
 
 
 def backbone_output_shape(backbone: nn.Module, image_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the backbone's output for one image (without the batch dimension), from a dummy forward pass."""
+    """Shape of the backbone's output for one image (no batch dimension), from a dummy forward pass."""
     modes = {m: m.training for m in backbone.modules()}
     backbone.eval()
     try:

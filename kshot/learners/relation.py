@@ -17,7 +17,7 @@ DEFAULTS: dict[str, Any] = {"relation_channels": 64, "relation_hidden": 8}
 
 
 def relation_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
-    """3x3 convolution (padding 1), batch norm, ReLU, and a 2x2 max-pool when the map is big enough for one."""
+    """3x3 convolution (padding 1), batch norm, ReLU, and a 2x2 max-pool when the map is big enough."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
                                nn.BatchNorm2d(out_channels), nn.ReLU()]
     if pool:
@@ -64,8 +64,9 @@ class RelationNet(Learner):
         super().__init__(backbone, image_shape, **read_options(self.name, options, DEFAULTS))
         map_shape = backbone_output_shape(backbone, self.image_shape)
         if len(map_shape) != 3:
-            raise ValueError(f"Relation Networks need feature maps but the backbone gives shape {map_shape}; set "
-                             f"flatten: false in the recipe's backbone (e.g. backbone: {{name: conv4, flatten: false}})")
+            raise ValueError(f"Relation Networks need feature maps but the backbone gives shape {map_shape}; "
+                             f"set flatten: false in the recipe's backbone "
+                             f"(e.g. backbone: {{name: conv4, flatten: false}})")
         self.relation = RelationModule(map_shape, int(self.options["relation_channels"]),
                                        int(self.options["relation_hidden"]))
 
@@ -74,8 +75,9 @@ class RelationNet(Learner):
         classes = class_sums(support_maps, support_y, ways)  # [..., N, C, H, W]
         queries = query_maps.shape[-4]
         lead = classes.shape[:-4]
-        pairs = torch.cat([classes.unsqueeze(-5).expand(*lead, queries, *classes.shape[-4:]),
-                           query_maps.unsqueeze(-4).expand(*lead, queries, ways, *query_maps.shape[-3:])], dim=-3)
+        class_side = classes.unsqueeze(-5).expand(*lead, queries, *classes.shape[-4:])
+        query_side = query_maps.unsqueeze(-4).expand(*lead, queries, ways, *query_maps.shape[-3:])
+        pairs = torch.cat([class_side, query_side], dim=-3)  # [..., Q, N, 2C, H, W]
         return self.relation(pairs.reshape(-1, *pairs.shape[-3:])).reshape(*lead, queries, ways)
 
     def loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:

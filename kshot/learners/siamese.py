@@ -24,15 +24,16 @@ DEFAULTS: dict[str, Any] = {"head": "bce", "batch_size": 128, "margin": 1.0}
 
 
 class SiameseNet(Learner):
-    """Siamese Networks; options: head (bce or contrastive), batch_size (pairs per step, half of them same-class),
-    margin (of the contrastive loss)."""
+    """Siamese Networks; options: head (bce or contrastive), batch_size (pairs per step, half of them
+    same-class), margin (of the contrastive loss)."""
 
     name = "siamese"
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **read_options(self.name, options, DEFAULTS))
         if self.options["head"] not in HEADS:
-            raise ValueError(f"unknown Siamese head {self.options['head']!r}; choose one of {', '.join(HEADS)}")
+            raise ValueError(f"unknown Siamese head {self.options['head']!r}; "
+                             f"choose one of {', '.join(HEADS)}")
         self.head: nn.Linear | None = None
         if self.options["head"] == "bce":
             self.head = nn.Linear(feature_dim(backbone, self.image_shape), 1)

@@ -1,5 +1,5 @@
-"""Supervised pretraining over all base classes, shared by Baseline, Baseline++ and SimpleShot: a classifier
-head sized from the training set in `prepare`, trained by cross-entropy on plain (images, class id) batches."""
+"""Supervised pretraining over all base classes, shared by Baseline, Baseline++ and SimpleShot: a
+classifier head sized from the training set in `prepare`, trained by cross-entropy on labelled batches."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class CosineClassifier(nn.Module):
 
 
 def linear_head(in_features: int, classes: int, generator: torch.Generator | None = None) -> nn.Linear:
-    """A linear classifier initialised as nn.Linear is, but from `generator` (so the same seed, the same head)."""
+    """A linear classifier initialised as nn.Linear is, but from `generator` (same seed, same head)."""
     head = nn.Linear(in_features, classes)
     bound = 1 / math.sqrt(in_features)
     with torch.no_grad():
@@ -49,7 +49,7 @@ def linear_head(in_features: int, classes: int, generator: torch.Generator | Non
 class SupervisedLearner(Learner):
     """A learner pretrained as a classifier over every base class; subclasses choose the head and `adapt`.
 
-    Options common to all: batch_size (examples per step), num_classes (set by `prepare` from the training set).
+    Options common to all: batch_size (examples per step), num_classes (set by `prepare` from the data).
     """
 
     defaults: dict[str, Any] = {"batch_size": 128, "num_classes": None}
@@ -62,7 +62,7 @@ class SupervisedLearner(Learner):
             self.classifier = self.make_classifier(int(self.options["num_classes"]))
 
     def make_classifier(self, classes: int) -> nn.Module:
-        """The pretraining head over `classes` base classes (linear unless a subclass says otherwise), seeded."""
+        """The pretraining head over `classes` base classes (linear unless a subclass says otherwise)."""
         return linear_head(self.feature_dim, classes, torch.Generator().manual_seed(0))
 
     def prepare(self, train_dataset: ClassDataset) -> None:
@@ -70,8 +70,8 @@ class SupervisedLearner(Learner):
         classes = train_dataset.num_classes
         if self.classifier is not None:
             if int(self.options["num_classes"]) != classes:
-                raise ValueError(f"this {self.name} learner has a head over {self.options['num_classes']} classes "
-                                 f"but {train_dataset.name} has {classes}; train a new learner for this dataset")
+                raise ValueError(f"this {self.name} learner has a head over {self.options['num_classes']} "
+                                 f"classes but {train_dataset.name} has {classes}; train a new learner")
             return
         self.options["num_classes"] = classes
         device = next(self.backbone.parameters()).device

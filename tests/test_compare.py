@@ -1,0 +1,74 @@
+"""benchmarks/compare.py: several runs scored on identical episodes, and its BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kshot.pipeline import train_recipe
+from kshot.recipe import Recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare  # noqa: E402
+
+
+def write_folder(root: Path, classes: int, per_class: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c:02d}"
+        folder.mkdir(parents=True)
+        base = rng.integers(0, 255, (16, 16))
+        for i in range(per_class):
+            pixels = np.clip(base + rng.integers(-20, 20, (16, 16)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def tiny_run(data: Path, learner: str, out: Path, options: dict, backbone: dict | None = None) -> Path:
+    recipe = Recipe.from_dict({
+        "learner": learner, "backbone": backbone or {"name": "conv4", "hidden": 8}, "options": options,
+        "dataset": {"name": "folder", "path": str(data), "image_size": 16, "channels": 1},
+        "splits": {"train": "train", "val": "", "test": "test"},
+        "train": {"ways": 3, "shots": 1, "queries": 2, "steps": 2, "val_every": 0, "val_shots": 1},
+    }, name=learner)
+    train_recipe(recipe, out, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_runs_are_compared_on_identical_episodes(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_folder(data / "train", classes=6, per_class=4, seed=0)
+    write_folder(data / "test", classes=5, per_class=4, seed=1)
+    runs = [str(tiny_run(data, "matching", tmp_path / "matching", {})),
+            str(tiny_run(data, "simpleshot", tmp_path / "simpleshot", {"batch_size": 8})),
+            str(tiny_run(data, "relation", tmp_path / "relation", {"relation_channels": 8},
+                         {"name": "conv4", "hidden": 8, "flatten": False}) / "checkpoints" / "best")]
+    rows = compare.compare(runs, compare.parse_settings("3x1,5x2"), episodes=4, queries=2, progress=False)
+    assert len(rows) == 6
+    assert {r["run"] for r in rows} == {"matching", "simpleshot", "relation"}
+    for setting in ((3, 1), (5, 2)):
+        same = [r for r in rows if (r["ways"], r["shots"]) == setting]
+        assert len({r["episodes_digest"] for r in same}) == 1
+    assert len({r["dataset_fingerprint"] for r in rows}) == 1
+    assert rows[0]["dataset_fingerprint"] in capsys.readouterr().out
+    text = compare.section([{**r, "comparison": "comparison-test", "command": "cmd"} for r in rows])
+    assert "| 3-way 1-shot | 5-way 2-shot |" in text and rows[0]["episodes_digest"] in text
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="NxK"):
+        compare.parse_settings("5-1")
+    with pytest.raises(FileNotFoundError, match="run folder"):
+        compare.checkpoint_folder(tmp_path)
