@@ -12,7 +12,7 @@ from kshot.data.sampler import EpisodeSampler
 from kshot.episode import Episode
 from kshot.learners import build_learner
 from kshot.training.checkpoint import load_learner, save_checkpoint
-from kshot.training.trainer import Trainer, TrainConfig
+from kshot.training.trainer import TrainConfig, Trainer
 
 IMAGE = (1, 8, 8)
 CONV = {"name": "conv4", "hidden": 4, "depth": 2}

@@ -10,7 +10,7 @@ import torch
 
 from kshot.data.sinusoid import SinusoidTasks
 from kshot.learners import EpisodeShape, build_learner
-from kshot.training.trainer import Trainer, TrainConfig
+from kshot.training.trainer import TrainConfig, Trainer
 
 NETWORK = {"name": "mlp", "hidden": [40, 40], "out_features": 1}
 
