@@ -70,6 +70,25 @@ def _load_section_writers() -> None:
             register_section(module.RESULT_PREFIX, module.TITLE, module.section)
 
 
+def learning_curves() -> str:
+    """Validation accuracy against steps and wall time, from the training logs kept in results/logs/."""
+    logs = sorted((RESULTS / "logs").glob("*.metrics.jsonl"))
+    if not logs:
+        return ""
+    marks = (1000, 2000, 5000, 10000, 20000, 40000, 60000)
+    lines = ["How fast each run got there: validation accuracy (fixed validation episodes, the recipe's val "
+             "settings) after a number of steps, with the wall time since the start of training (validation "
+             "included). Logs: `benchmarks/results/logs/`.", "",
+             "| run | " + " | ".join(f"{m:,} steps" for m in marks) + " |", "|---|" + "---|" * len(marks)]
+    for path in logs:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if "val_accuracy" in line]
+        by_step = {r["step"]: r for r in rows}
+        cells = [f"{by_step[m]['val_accuracy']:.2f}% ({by_step[m]['seconds'] / 60:.1f} min)" if m in by_step else ""
+                 for m in marks]
+        lines.append(f"| {path.name.removesuffix('.metrics.jsonl')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report() -> Path:
     _load_section_writers()
     files = load_rows()
@@ -84,6 +103,9 @@ def write_report() -> Path:
     parts = [HEADER]
     if accuracy_rows:
         parts += ["## Few-shot classification accuracy", "", accuracy_table(accuracy_rows), ""]
+    curves = learning_curves()
+    if curves:
+        parts += ["## Validation accuracy against training time", "", curves, ""]
     for prefix, rows in sections.items():
         title, writer = SECTIONS[prefix]
         parts += [f"## {title}", "", writer(rows), ""]
