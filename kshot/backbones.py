@@ -6,26 +6,31 @@ import torch
 from torch import Tensor, nn
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:
     """3x3 convolution, batch norm, ReLU, 2x2 max-pool: the block of Vinyals, Snell and Finn."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-    )
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+                               nn.BatchNorm2d(out_channels), nn.ReLU()]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
 
 
 class Conv4(nn.Module):
     """Four conv blocks of `hidden` filters; 28x28 input gives 64 features, 84x84 gives 1,600.
 
-    `flatten=False` keeps the final feature map (for learners such as Relation Networks that need it).
+    `flatten=False` keeps the final feature map (for learners such as Relation Networks that need it), and
+    `pooled_blocks` < depth leaves the last blocks unpooled, as Sung et al.'s relation encoder does (28x28 -> 7x7).
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4, flatten: bool = True) -> None:
+    def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4, flatten: bool = True,
+                 pooled_blocks: int | None = None) -> None:
         super().__init__()
+        pooled = depth if pooled_blocks is None else pooled_blocks
+        if not 0 <= pooled <= depth:
+            raise ValueError(f"pooled_blocks must be between 0 and depth ({depth}), got {pooled_blocks}")
         channels = [in_channels] + [hidden] * depth
-        self.encoder = nn.Sequential(*(conv_block(a, b) for a, b in zip(channels[:-1], channels[1:])))
+        self.encoder = nn.Sequential(*(conv_block(a, b, pool=i < pooled)
+                                       for i, (a, b) in enumerate(zip(channels[:-1], channels[1:]))))
         self.flatten = flatten
         self.out_channels = hidden
 

@@ -58,3 +58,12 @@ def test_loss_decreases_on_a_fixed_task():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0] and 0 <= metrics["accuracy"] <= 1
+
+
+def test_conv4_feature_sizes():
+    from kshot.backbones import Conv4
+
+    assert Conv4().output_dim((1, 28, 28)) == 64
+    assert Conv4(in_channels=3).output_dim((3, 84, 84)) == 1600
+    maps = Conv4(flatten=False, pooled_blocks=2)(torch.zeros(2, 1, 28, 28))
+    assert maps.shape == (2, 64, 7, 7)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import synthetic_dataset
 
-from kshot.data import EpisodeRequestError, EpisodeSampler, EpisodeSet
+from kshot.data import EpisodeRequestError, EpisodeSampler, EpisodeSet, to_float
 from kshot.data.sampler import draw_indices
 from kshot.episode import Episode
 
@@ -32,7 +32,7 @@ def _rows(images):
 def test_support_and_query_images_come_from_the_labelled_class_and_never_overlap():
     # Every image unique, so an image identifies its dataset index and class.
     data = synthetic_dataset(classes=6, per_class=10, size=6, noise=120, seed=3)
-    index_of = {tuple(img.flatten().tolist()): i for i, img in enumerate(data.images.float() / 255)}
+    index_of = {tuple(img.flatten().tolist()): i for i, img in enumerate(to_float(data.images))}
     assert len(index_of) == len(data.images)
     sampler = EpisodeSampler(data, ways=4, shots=3, queries=5, seed=0)
     for _ in range(50):
@@ -130,3 +130,4 @@ def test_subset_and_all_images(toy):
     assert torch.equal(part.images[:8], toy.images[24:32])
     images, labels = part.with_rotations((0, 180)).all_images()
     assert images.shape[0] == 32 and labels.tolist()[:9] == [0] * 8 + [1]
+

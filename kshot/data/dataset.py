@@ -55,6 +55,7 @@ class ClassDataset:
         self._turns_np = np.array([r // 90 for r in self.rotations], dtype=np.int64)
         self.class_counts = np.diff(self._offsets_np).repeat(len(self.rotations))
         self.uneven_counts = bool(len(self.class_counts)) and bool((self.class_counts != self.class_counts.max()).any())
+        self._rotated_pixels = torch.from_numpy(rotated_pixel_index(tuple(images.shape[1:])))
 
     # ----------------------------------------------------------------------------------------------- facts
     @property
@@ -120,16 +121,18 @@ class ClassDataset:
     # ---------------------------------------------------------------------------------------- gathering
     def images_at(self, classes: np.ndarray, positions: np.ndarray) -> Tensor:
         """uint8 images [M, C, H, W] of class ids `classes` [M] at within-class `positions` [M], rotated as
-        their class says. This is the sampling hot path: one index_select, plus one gather for rotations."""
+        their class says. This is the sampling hot path: one index_select, and for rotations one gather of a
+        per-image pixel permutation (measured faster than rot90 per rotation group, in torch or NumPy)."""
         rotations = len(self.rotations)
         index = self._offsets_np[classes // rotations] + positions
-        images = self.images.index_select(0, torch.from_numpy(index).to(self.device, non_blocking=True))
+        images = self.images.index_select(0, torch.from_numpy(index).to(self.device))
         if self.rotations == (0,):
             return images
-        turns = self._turns_np[classes % rotations]
-        perms = self._pixel_permutations().index_select(0, torch.from_numpy(turns).to(self.device))
-        flat = images.view(len(index), images.shape[1], -1)
-        return flat.gather(-1, perms.unsqueeze(1).expand_as(flat)).view_as(images)
+        if self._rotated_pixels.device != self.device:
+            self._rotated_pixels = self._rotated_pixels.to(self.device)
+        turns = torch.from_numpy(self._turns_np[classes % rotations]).to(self.device)
+        source = self._rotated_pixels.index_select(0, turns)  # [M, C*H*W]
+        return images.view(len(index), -1).gather(1, source).view_as(images)
 
     def gather(self, classes: Tensor | np.ndarray, picks: Tensor | np.ndarray) -> Tensor:
         """Images for class ids `classes` [..., N] and within-class positions `picks` [..., N, S]:
@@ -138,16 +141,6 @@ class ClassDataset:
         expanded = np.broadcast_to(classes[..., None], picks.shape)
         images = self.images_at(expanded.reshape(-1), picks.reshape(-1))
         return images.view(*picks.shape, *self.images.shape[1:])
-
-    def _pixel_permutations(self) -> Tensor:
-        """For k quarter turns, the source pixel of each output pixel: [4, H*W] (cached per device)."""
-        cached = getattr(self, "_perms", None)
-        if cached is None or cached.device != self.device:
-            height, width = self.images.shape[-2:]
-            grid = torch.arange(height * width, device=self.device).view(height, width)
-            cached = torch.stack([torch.rot90(grid, k, dims=(0, 1)).flatten() for k in range(4)])
-            self._perms = cached
-        return cached
 
     def all_images(self) -> tuple[Tensor, Tensor]:
         """Every (image, class id) pair, rotations included: uint8 images [M, C, H, W] and labels [M]."""
@@ -162,6 +155,17 @@ class ClassDataset:
         return images[valid.to(self.device)], labels[valid]
 
 
+def rotated_pixel_index(shape: tuple[int, ...]) -> np.ndarray:
+    """For k quarter turns (k = 0..3), the flat source index within one image [C, H, W] of each output element:
+    an int64 array [4, C*H*W] (empty for non-square images, which are never rotated by 90 degrees)."""
+    channels, height, width = shape
+    if height != width:
+        return np.zeros((4, 0), dtype=np.int64)
+    grid = np.arange(height * width, dtype=np.int64).reshape(height, width)
+    planes = np.arange(channels, dtype=np.int64)[:, None] * height * width
+    return np.stack([(planes + np.rot90(grid, k).reshape(1, -1)).reshape(-1) for k in range(4)])
+
+
 def to_float(images: Tensor) -> Tensor:
-    """uint8 images in [0, 255] to float32 in [0, 1]."""
-    return images.to(torch.float32).div_(255.0)
+    """uint8 images in [0, 255] to float32 in [0, 1], in one op."""
+    return images.mul(1.0 / 255.0) if images.dtype == torch.uint8 else images.to(torch.float32)
