@@ -75,7 +75,7 @@ def learning_curves() -> str:
     logs = sorted((RESULTS / "logs").glob("*.metrics.jsonl"))
     if not logs:
         return ""
-    marks = (1000, 2000, 5000, 10000, 20000, 40000, 60000)
+    marks = (500, 1000, 2000, 5000, 10000, 20000, 30000)
     lines = ["How fast each run got there: validation accuracy (fixed validation episodes, the recipe's val "
              "settings) after a number of steps, with the wall time since the start of training (validation "
              "included). Logs: `benchmarks/results/logs/`.", "",
