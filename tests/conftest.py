@@ -10,7 +10,14 @@ import torch
 
 from kshot.data import ClassDataset
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use tiny tensors, for which one thread is faster than two (and steadier on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def synthetic_dataset(classes: int = 12, per_class: int | list[int] = 8, size: int = 12, channels: int = 1,

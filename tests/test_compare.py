@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from kshot.pipeline import train_recipe
@@ -38,13 +37,6 @@ def tiny_run(data: Path, learner: str, out: Path, options: dict, backbone: dict 
     train_recipe(recipe, out, progress=False)
     return out
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_runs_are_compared_on_identical_episodes(tmp_path, capsys):

@@ -19,14 +19,6 @@ CONV = {"name": "conv4", "hidden": 4, "depth": 2}
 MLP = {"name": "mlp", "hidden": [6]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_dataset(classes: int = 6, per_class: int = 5, seed: int = 0) -> ClassDataset:
     generator = torch.Generator().manual_seed(seed)

@@ -32,13 +32,6 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_dataset(classes: int = 10, per_class: int = 6, seed: int = 0, rotations=(0,)) -> ClassDataset:
     """Random uint8 images whose classes differ in mean brightness, so a tiny network can learn them."""

@@ -15,13 +15,6 @@ from kshot.training.trainer import TrainConfig, Trainer
 NETWORK = {"name": "mlp", "hidden": [40, 40], "out_features": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def regression_maml(**options):
     torch.manual_seed(0)

@@ -9,20 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kshot.backbones import conv_block
 from kshot.episode import Episode
 from kshot.learners.base import Learner, Predictor, accuracy, classes_in
 from kshot.learners.options import backbone_output_shape, read_options
 
 DEFAULTS: dict[str, Any] = {"relation_channels": 64, "relation_hidden": 8}
-
-
-def relation_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
-    """3x3 convolution (padding 1), batch norm, ReLU, and a 2x2 max-pool when the map is big enough."""
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-                               nn.BatchNorm2d(out_channels), nn.ReLU()]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
 
 
 class RelationModule(nn.Module):
@@ -34,7 +26,7 @@ class RelationModule(nn.Module):
         blocks = []
         for block_in in (2 * in_channels, channels):
             pool = min(height, width) >= 2
-            blocks.append(relation_block(block_in, channels, pool))
+            blocks.append(conv_block(block_in, channels, pool))
             if pool:
                 height, width = height // 2, width // 2
         self.blocks = nn.Sequential(*blocks)
