@@ -21,10 +21,12 @@ was measured by the command in its row or section. Accuracy is the mean over the
 half-width of the 95% confidence interval (1.96 x sample standard deviation / sqrt(episodes)).
 
 How to read the accuracy table:
-- Every row with the same dataset, N-way K-shot, queries and episode count was scored on exactly the same test
-  episodes: an evaluation set is a pure function of (dataset contents, N, K, Q, count, seed 0), so the table is
-  itself a comparison of all learners on identical episodes (`benchmarks/compare.py` does the same for any
-  set of run folders and prints the dataset fingerprint).
+- An evaluation set is a pure function of (dataset contents, N, K, Q, count, seed 0) for a given version of the
+  sampler, so rows with the same setting were scored on exactly the same test episodes, with one exception:
+  the ProtoNet rows of commits 13304ad0f478 and 48f71b693336 were drawn by an earlier class-drawing routine
+  (NumPy's `Generator.choice`, replaced in 7c89273 by a faster one), so they used another fixed set of 1,000
+  episodes. `benchmarks/compare.py` scores any set of run folders on one episode set and prints the dataset
+  fingerprint.
 - The evaluated weights are the run's best checkpoint by validation accuracy; "train steps" and "train time"
   are the whole run's (wall time, periodic validation included).
 - "cpu" rows ran on this project's 2-core machine. GPU rows ran on a lent H100; rows marked "shared by 8 runs"
