@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
@@ -37,15 +36,6 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         features = self.encoder(x)
         return features.flatten(1) if self.flatten else features
-
-    def output_dim(self, image_shape: tuple[int, int, int]) -> int:
-        """Length of the flattened feature vector for images of `image_shape` (C, H, W)."""
-        with torch.no_grad():
-            was_training = self.training
-            self.eval()
-            out = self.encoder(torch.zeros(1, *image_shape))
-            self.train(was_training)
-        return out[0].numel()
 
 
 class MLP(nn.Module):

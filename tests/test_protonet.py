@@ -62,8 +62,9 @@ def test_loss_decreases_on_a_fixed_task():
 
 def test_conv4_feature_sizes():
     from kshot.backbones import Conv4
+    from kshot.learners.options import feature_dim
 
-    assert Conv4().output_dim((1, 28, 28)) == 64
-    assert Conv4(in_channels=3).output_dim((3, 84, 84)) == 1600
+    assert feature_dim(Conv4(), (1, 28, 28)) == 64
+    assert feature_dim(Conv4(in_channels=3), (3, 84, 84)) == 1600
     maps = Conv4(flatten=False, pooled_blocks=2)(torch.zeros(2, 1, 28, 28))
     assert maps.shape == (2, 64, 7, 7)

@@ -14,22 +14,9 @@ from torch import Tensor, nn
 from kshot.episode import Episode
 from kshot.learners.base import EpisodeShape, Learner, accuracy, classes_in
 from kshot.learners.functional import Params
+from kshot.learners.options import feature_dim
 
 TASKS = ("classification", "regression")
-
-
-def feature_dim(backbone: nn.Module, image_shape: tuple[int, ...]) -> int:
-    """Length of the backbone's output vector for one input of `image_shape`."""
-    if hasattr(backbone, "output_dim"):
-        return int(backbone.output_dim(tuple(image_shape)))
-    if isinstance(getattr(backbone, "out_features", None), int):
-        return int(backbone.out_features)
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        out = backbone(torch.zeros(2, *image_shape))
-    backbone.train(was_training)
-    return out[0].numel()
 
 
 class FunctionalLearner(Learner):

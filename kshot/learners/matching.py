@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from kshot.episode import Episode
 from kshot.learners.base import Learner, Predictor, accuracy, classes_in
+from kshot.learners.metric import embed_episode
 from kshot.learners.options import feature_dim, read_options
-from kshot.learners.protonet import embed_episode
 
 DEFAULTS: dict[str, Any] = {"fce": False, "processing_steps": 5, "scale": 1.0}
 

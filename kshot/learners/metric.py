@@ -1,9 +1,23 @@
-"""Small tensor helpers shared by the metric-based learners: class means and distances."""
+"""Small tensor helpers shared by the metric-based learners: embedding an episode, class means, distances."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kshot.episode import Episode
+
+
+def embed_episode(backbone: torch.nn.Module, batch: Episode) -> tuple[Tensor, Tensor]:
+    """Support and query features [..., M, *feature shape] from one forward pass over both (one batch-norm
+    batch, as the reference implementations do); works for single episodes and meta-batches."""
+    lead = batch.support_x.shape[:-4]
+    support = batch.support_x.reshape(-1, *batch.support_x.shape[-3:])
+    query = batch.query_x.reshape(-1, *batch.query_x.shape[-3:])
+    features = backbone(torch.cat([support, query]))
+    shape = features.shape[1:]
+    return (features[: len(support)].reshape(*lead, batch.support_x.shape[-4], *shape),
+            features[len(support):].reshape(*lead, batch.query_x.shape[-4], *shape))
 
 
 def class_means(features: Tensor, labels: Tensor, ways: int) -> Tensor:

@@ -3,23 +3,12 @@ class prototypes, the mean embedding of each class's support examples."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kshot.episode import Episode
 from kshot.learners.base import Learner, Predictor, accuracy, classes_in
-from kshot.learners.metric import class_means, squared_euclidean
-
-
-def embed_episode(backbone: torch.nn.Module, batch: Episode) -> tuple[Tensor, Tensor]:
-    """Support and query features [..., M, D] from one forward pass over both (shared batch-norm batch)."""
-    lead = batch.support_x.shape[:-4]
-    support = batch.support_x.reshape(-1, *batch.support_x.shape[-3:])
-    query = batch.query_x.reshape(-1, *batch.query_x.shape[-3:])
-    features = backbone(torch.cat([support, query]))
-    return (features[: len(support)].reshape(*lead, batch.support_x.shape[-4], -1),
-            features[len(support):].reshape(*lead, batch.query_x.shape[-4], -1))
+from kshot.learners.metric import class_means, embed_episode, squared_euclidean
 
 
 class ProtoNet(Learner):

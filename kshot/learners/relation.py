@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from kshot.backbones import conv_block
 from kshot.episode import Episode
 from kshot.learners.base import Learner, Predictor, accuracy, classes_in
+from kshot.learners.metric import embed_episode
 from kshot.learners.options import backbone_output_shape, read_options
 
 DEFAULTS: dict[str, Any] = {"relation_channels": 64, "relation_hidden": 8}
@@ -73,12 +74,7 @@ class RelationNet(Learner):
         return self.relation(pairs.reshape(-1, *pairs.shape[-3:])).reshape(*lead, queries, ways)
 
     def loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
-        lead = batch.support_x.shape[:-4]
-        support = batch.support_x.reshape(-1, *batch.support_x.shape[-3:])
-        query = batch.query_x.reshape(-1, *batch.query_x.shape[-3:])
-        maps = self.backbone(torch.cat([support, query]))
-        support_maps = maps[: len(support)].reshape(*lead, batch.support_x.shape[-4], *maps.shape[1:])
-        query_maps = maps[len(support):].reshape(*lead, batch.query_x.shape[-4], *maps.shape[1:])
+        support_maps, query_maps = embed_episode(self.backbone, batch)
         scores = self.scores(support_maps, batch.support_y, query_maps, batch.ways)
         scores, labels = scores.reshape(-1, batch.ways), batch.query_y.reshape(-1)
         loss = F.mse_loss(scores, F.one_hot(labels, batch.ways).to(scores.dtype))
