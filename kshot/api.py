@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -139,5 +138,3 @@ class FewShotModel:
         learner, info = load_learner(path, map_location=device)
         return cls(learner, device=device, bn_mode=info.get("bn_mode", "inference"))
 
-
-TRAIN_SETTINGS = tuple(f.name for f in fields(TrainConfig))

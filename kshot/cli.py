@@ -14,7 +14,9 @@ from kshot.recipe import RecipeError, load_recipe, recipe_names
 
 def _device(device: str | None) -> str:
     if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from kshot.api import default_device
+
+        return default_device().type
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
     return device
@@ -128,15 +130,17 @@ def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episo
               help="Folder with one sub-folder of example images per class.")
 @click.option("--query", "queries", type=click.Path(exists=True), required=True, multiple=True,
               help="Image file or folder of images to classify (repeatable).")
+@click.option("--invert", is_flag=True,
+              help="Invert the images (dark strokes on light paper, like raw Omniglot PNGs, for a model trained "
+                   "on kshot's light-on-dark Omniglot).")
 @click.option("--device", default="auto", show_default=True)
-def predict(checkpoint: str, support: str, queries: tuple[str, ...], device: str) -> None:
+def predict(checkpoint: str, support: str, queries: tuple[str, ...], invert: bool, device: str) -> None:
     """Adapt a trained model to the classes in --support and classify the --query images."""
     from kshot.api import FewShotModel
     from kshot.data.folder import image_files, image_folder, load_images
 
     model = FewShotModel.load(checkpoint, device=_device(device))
     channels, size = model.learner.image_shape[0], model.learner.image_shape[-1]
-    invert = bool((model.learner.options or {}).get("invert_inputs", False))
     support_set = image_folder(support, image_size=size, channels=channels, invert=invert)
     images, labels = support_set.all_images()
     names = support_set.class_names()
