@@ -23,6 +23,7 @@ CONV = {"name": "conv4", "hidden": 8}
 SPECS = {
     "matching": ("matching", CONV, {}),
     "matching-fce": ("matching", CONV, {"fce": True, "processing_steps": 2}),
+    "matching-scaled": ("matching", CONV, {"scale": 10.0, "learn_scale": True}),
     "relation": ("relation", {**CONV, "flatten": False}, {"relation_channels": 8}),
     "siamese-bce": ("siamese", CONV, {"head": "bce", "batch_size": 16}),
     "siamese-contrastive": ("siamese", CONV, {"head": "contrastive", "batch_size": 16}),
@@ -191,7 +192,21 @@ def test_supervised_stream_labels_match_images():
     assert torch.equal(next(again)[1], y)
 
 
+def test_matching_learned_temperature_starts_at_scale_and_is_trained():
+    dataset = tiny_dataset()
+    learner = make("matching-scaled", dataset)
+    assert learner.log_scale is not None and learner.log_scale.exp().item() == pytest.approx(10.0)
+    batch = next(learner.training_stream(dataset, EpisodeShape(5, 2, 2), seed=0))
+    loss, _ = learner.loss(batch)
+    loss.backward()
+    assert learner.log_scale.grad is not None and learner.log_scale.grad.abs().item() > 0
+    fixed = make("matching", dataset)
+    assert fixed.log_scale is None and "log_scale" not in dict(fixed.named_parameters())
+
+
 def test_unknown_options_and_bad_backbones_are_clear_errors():
+    with pytest.raises(ValueError, match="scale must be positive"):
+        build_learner("matching", IMAGE_SHAPE, CONV, {"scale": 0})
     with pytest.raises(ValueError, match="unknown option"):
         build_learner("matching", IMAGE_SHAPE, CONV, {"fcee": True})
     with pytest.raises(ValueError, match="flatten: false"):

@@ -15,11 +15,11 @@ from kshot.learners.base import Learner, Predictor, accuracy, classes_in
 from kshot.learners.metric import embed_episode
 from kshot.learners.options import feature_dim, read_options
 
-DEFAULTS: dict[str, Any] = {"fce": False, "processing_steps": 5, "scale": 1.0}
+DEFAULTS: dict[str, Any] = {"fce": False, "processing_steps": 5, "scale": 1.0, "learn_scale": False}
 
 
-def attention_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways: int, scale: float = 1.0
-                        ) -> Tensor:
+def attention_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways: int,
+                        scale: float | Tensor = 1.0) -> Tensor:
     """log P(y | query) = log sum_i softmax_i(scale * cos(query, support_i)) onehot(y_i); [..., Q, N]."""
     similarity = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)
     attention = (scale * similarity).softmax(dim=-1)  # [..., Q, M]
@@ -77,7 +77,9 @@ class QueryAttention(nn.Module):
 
 class MatchingNet(Learner):
     """Matching Networks; options: fce (full context embeddings), processing_steps (K of the attention LSTM),
-    scale (multiplies cosine similarities before the softmax; 1 as in the paper)."""
+    scale (multiplies cosine similarities before the softmax; 1 as in the paper), learn_scale (make the scale a
+    learned temperature starting at `scale`: with scale 1 the attention over non-negative ReLU features is
+    nearly uniform and training plateaus, the problem Oreshkin et al. 2018 fix by metric scaling)."""
 
     name = "matching"
 
@@ -85,6 +87,11 @@ class MatchingNet(Learner):
         super().__init__(backbone, image_shape, **read_options(self.name, options, DEFAULTS))
         self.support_context: SupportContext | None = None
         self.query_attention: QueryAttention | None = None
+        self.log_scale: nn.Parameter | None = None
+        if float(self.options["scale"]) <= 0:
+            raise ValueError(f"matching: scale must be positive, got {self.options['scale']}")
+        if self.options["learn_scale"]:
+            self.log_scale = nn.Parameter(torch.tensor(float(self.options["scale"])).log())
         if self.options["fce"]:
             dim = feature_dim(backbone, self.image_shape)
             self.support_context = SupportContext(dim)
@@ -101,7 +108,8 @@ class MatchingNet(Learner):
             support_y = support_y.gather(1, order)
             support = self.support_context(support)
             query = self.query_attention(query, support)
-        out = attention_log_probs(query, support, support_y, ways, float(self.options["scale"]))
+        scale = self.log_scale.exp() if self.log_scale is not None else float(self.options["scale"])
+        out = attention_log_probs(query, support, support_y, ways, scale)
         return out[0] if single else out
 
     def loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
