@@ -10,6 +10,7 @@ budget=${BUDGET:-420}
 tag=${TAG:-gpu}
 deadline=${DEADLINE:-100000}
 out=${OUT:-/tmp}
+logs=$(mktemp -d)  # run logs, packed below: a call returns only a few files
 nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS daemon started (concurrent kernels across processes)"
 python -c "from kshot.data.omniglot import omniglot; [omniglot(s, progress=False) for s in ('train', 'val', 'test')]"
 names=()
@@ -19,7 +20,7 @@ for spec in "$@"; do
   [ "$spec" != "$recipe" ] && seconds=${spec#*:}
   names+=("$recipe")
   timeout "$deadline" python benchmarks/reproduce.py "$recipe" --device cuda --no-progress --tag "$tag" \
-    --set train.time_budget_s="$seconds" > "$out/$recipe-$tag.log" 2>&1 &
+    --set train.time_budget_s="$seconds" > "$logs/$recipe-$tag.log" 2>&1 &
 done
 wait
 mkdir -p benchmarks/results/logs
@@ -28,6 +29,6 @@ for recipe in "${names[@]}"; do
 done
 tar czf "$out/results-$tag.tgz" benchmarks/results runs/benchmarks/*-"$tag"/checkpoints/best \
   runs/benchmarks/*-"$tag"/results.json 2>/dev/null
-tar czf "$out/logs-$tag.tgz" -C "$out" $(cd "$out" && ls ./*-"$tag".log) 2>/dev/null
-cat "$out"/*-"$tag".log | grep -E "way|Error|error" | tail -60
+tar czf "$out/logs-$tag.tgz" -C "$logs" .
+cat "$logs"/*-"$tag".log | grep -E "way|Error|error" | tail -60
 echo quit | nvidia-cuda-mps-control 2>/dev/null
