@@ -52,6 +52,7 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, device: str = "cpu", resum
     if device != "cpu":
         train = train.to(device)
         val = val.to(device) if val is not None else None
+    torch.manual_seed(recipe.train.seed)  # the same initial weights for the same recipe
     learner = build_learner(recipe.learner, train.image_shape, recipe.backbone, recipe.options)
     run_info = {"recipe": recipe.to_dict(), "commit": current_commit()}
     trainer = Trainer(learner, recipe.train, run_dir, device=device, progress=progress, run_info=run_info)

@@ -136,6 +136,30 @@ def test_reptile_moves_weights_toward_the_adapted_ones(optimizer):
     assert any((target[n] - before[n]).abs().max() > 1e-4 for n in before)
 
 
+def test_reptile_mini_batches_cover_the_support_set_in_reshuffled_passes():
+    from kshot.learners.reptile import Reptile
+
+    torch.manual_seed(0)
+    batches = Reptile.mini_batches(50, 10, 5, torch.device("cpu"))  # the paper's 5 steps of 10 of 50 examples
+    assert torch.equal(torch.cat(batches).sort().values, torch.arange(50))
+    spanning = torch.cat(Reptile.mini_batches(6, 4, 3, torch.device("cpu")))  # two passes over 6 examples
+    assert sorted(spanning[:6].tolist()) == list(range(6)) and sorted(spanning[6:].tolist()) == list(range(6))
+    assert Reptile.mini_batches(5, None, 2, torch.device("cpu")) == [None, None]
+    assert Reptile.mini_batches(5, 8, 2, torch.device("cpu")) == [None, None]
+
+
+def test_reptile_inner_steps_see_only_their_mini_batch():
+    model = learner("reptile", inner_optimizer="sgd", inner_batch_size=2)
+    task = next(iter(meta_batch(shots=2)))  # 6 support examples
+    seen = []
+    call = model.call
+    model.call = lambda params, x: (seen.append(x.shape[0]), call(params, x))[1]
+    model.fit(task.support_x, task.support_y, 4, 0.01, batch_size=2)
+    assert seen == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="inner_batch_size"):
+        learner("reptile", inner_batch_size=0)
+
+
 @pytest.mark.parametrize("name,options", [("maml", {}), ("maml", {"first_order": True}), ("anil", {}),
                                           ("metasgd", {}), ("reptile", {"inner_lr": 0.01})])
 def test_loss_decreases_on_a_tiny_fixed_task(name, options):
@@ -216,3 +240,13 @@ def test_trainer_runs_maml_with_meta_batches_and_validation(tmp_path):
                          val_queries=2, val_episodes=3, val_bn_mode="transductive", log_every=1)
     history = Trainer(model, config, tmp_path / "run", progress=False).fit(tiny_dataset(), tiny_dataset(seed=1))
     assert [row["step"] for row in history] == [2, 4] and all("val_accuracy" in row for row in history)
+
+
+def test_metasgd_rates_can_start_uniform_in_a_range():
+    model = learner("metasgd", inner_lr_range=[0.005, 0.1])
+    rates = torch.cat([p.detach().flatten() for p in model.learned_lrs.values()])
+    assert rates.min() >= 0.005 and rates.max() <= 0.1 and rates.std() > 0.01
+    constant = learner("metasgd", inner_lr=0.3)
+    assert all(torch.all(p == 0.3) for p in constant.learned_lrs.values())
+    with pytest.raises(ValueError, match="inner_lr_range"):
+        learner("metasgd", inner_lr_range=[0.1, 0.01])

@@ -111,3 +111,15 @@ def test_time_budget_stops_early_and_still_saves(data, tmp_path):
 def test_unknown_training_setting_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown training settings"):
         TrainConfig.from_dict({"stepz": 3})
+
+
+def test_linear_schedule_anneals_the_rate_to_lr_final(data, tmp_path):
+    Trainer(make(data), config(4, lr=0.01, lr_schedule="linear", lr_final=0.002), tmp_path, progress=False).fit(data)
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "lr" in json.loads(line)]
+    assert rates == pytest.approx([0.008, 0.006, 0.004, 0.002])
+
+
+def test_unknown_schedule_is_a_clear_error(data, tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule"):
+        Trainer(make(data), config(2, lr_schedule="cosine"), tmp_path, progress=False).fit(data)

@@ -153,18 +153,29 @@ def lr_key(name: str) -> str:
 class MetaSGD(MAML):
     """Meta-SGD: MAML whose inner learning rates are learned, one per parameter entry, by the outer optimiser.
 
-    The rates start at `inner_lr`; at test the learned rates are used (test_inner_lr is ignored).
+    The rates start at `inner_lr`, or are drawn from U[low, high] with `inner_lr_range: [low, high]` (the
+    paper's [0.005, 0.1]); at test the learned rates are used (test_inner_lr is ignored).
     """
 
     name = "metasgd"
+    DEFAULTS: ClassVar[dict[str, Any]] = {**MAML.DEFAULTS, "inner_lr_range": None}
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **options)
         if self.options["test_inner_lr"] is not None:
             raise ValueError("Meta-SGD learns its inner learning rates; leave test_inner_lr unset")
-        self.learned_lrs = nn.ParameterDict({
-            lr_key(n): nn.Parameter(torch.full_like(p, float(self.options["inner_lr"])))
-            for n, p in self.adapted_params().items()})
+        self.learned_lrs = nn.ParameterDict({lr_key(n): nn.Parameter(self.initial_lrs(p))
+                                             for n, p in self.adapted_params().items()})
+
+    def initial_lrs(self, like: Tensor) -> Tensor:
+        """Starting rates shaped like `like`: inner_lr everywhere, or uniform draws from inner_lr_range."""
+        bounds = self.options["inner_lr_range"]
+        if bounds is None:
+            return torch.full_like(like, float(self.options["inner_lr"]))
+        if not (isinstance(bounds, list | tuple) and len(bounds) == 2 and 0 <= float(bounds[0]) <= float(bounds[1])):
+            raise ValueError(f"inner_lr_range must be [low, high] with 0 <= low <= high, got {bounds!r}")
+        low, high = float(bounds[0]), float(bounds[1])
+        return torch.empty_like(like).uniform_(low, high)
 
     def inner_lrs(self, test: bool = False) -> dict[str, Tensor]:
         return {n: self.learned_lrs[lr_key(n)] for n in self.adapted_params()}

@@ -23,12 +23,17 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 
 
 class Reptile(FunctionalLearner):
-    """Reptile with an SGD or Adam inner loop (the paper's code uses Adam with beta1 = 0) on the support set."""
+    """Reptile with an SGD or Adam inner loop (the paper's code uses Adam with beta1 = 0) on the support set.
+
+    inner_batch_size (and test_inner_batch_size): each inner step sees that many support examples, taken in
+    reshuffled passes over the support set as in the paper's code; None (the default) uses all of it each step.
+    """
 
     name = "reptile"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "ways": 5, "task": "classification", "inner_steps": 5, "inner_lr": 0.001, "inner_optimizer": "adam",
-        "test_inner_steps": 50, "test_inner_lr": None}
+        "test_inner_steps": 50, "test_inner_lr": None,
+        "inner_batch_size": None, "test_inner_batch_size": None}
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **options)
@@ -38,9 +43,24 @@ class Reptile(FunctionalLearner):
         for key in ("inner_steps", "test_inner_steps"):
             if not isinstance(self.options[key], int) or self.options[key] < 0:
                 raise ValueError(f"{key} must be a non-negative integer, got {self.options[key]!r}")
+        for key in ("inner_batch_size", "test_inner_batch_size"):
+            value = self.options[key]
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be a positive integer or null (whole support set), got {value!r}")
 
-    def fit(self, x: Tensor, y: Tensor, steps: int, lr: float) -> Params:
-        """Detached copies of the network's parameters after `steps` inner optimiser steps on (x, y)."""
+    @staticmethod
+    def mini_batches(examples: int, batch_size: int | None, steps: int, device: torch.device) -> list[Tensor | None]:
+        """Index tensors for `steps` inner steps: consecutive chunks of reshuffled passes over `examples`
+        (a chunk may span two passes); None (all examples) when batch_size is None or covers them all."""
+        if batch_size is None or batch_size >= examples:
+            return [None] * steps
+        passes = -(-steps * batch_size // examples)
+        order = torch.cat([torch.randperm(examples) for _ in range(passes)]).to(device)
+        return list(order[: steps * batch_size].view(steps, batch_size))
+
+    def fit(self, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int | None = None) -> Params:
+        """Detached copies of the network's parameters after `steps` inner optimiser steps on (x, y), each on
+        a mini-batch of `batch_size` examples (all of them if None)."""
         params = {n: p.detach().clone().requires_grad_() for n, p in self.network_params().items()}
         values = list(params.values())
         if self.options["inner_optimizer"] == "adam":
@@ -48,8 +68,9 @@ class Reptile(FunctionalLearner):
         else:
             optimizer = torch.optim.SGD(values, lr=lr)
         with torch.enable_grad():
-            for _ in range(steps):
-                loss = self.criterion(self.call(params, x), y)
+            for index in self.mini_batches(x.shape[0], batch_size, steps, x.device):
+                bx, by = (x, y) if index is None else (x[index], y[index])
+                loss = self.criterion(self.call(params, bx), by)
                 for value, grad in zip(values, torch.autograd.grad(loss, values, allow_unused=True)):
                     value.grad = grad
                 optimizer.step()
@@ -62,7 +83,8 @@ class Reptile(FunctionalLearner):
         total: Tensor | float = 0.0
         outputs = []
         for sx, sy, qx in zip(batch.support_x, batch.support_y, batch.query_x):
-            adapted = self.fit(sx, sy, self.options["inner_steps"], float(self.options["inner_lr"]))
+            adapted = self.fit(sx, sy, self.options["inner_steps"], float(self.options["inner_lr"]),
+                               self.options["inner_batch_size"])
             total = total + 0.5 * sum(((theta[n] - adapted[n]) ** 2).sum() for n in theta)
             if qx.shape[0]:
                 with torch.no_grad():
@@ -75,7 +97,8 @@ class Reptile(FunctionalLearner):
         self.check_support(support_y)
         lr = self.options["test_inner_lr"]
         adapted = self.fit(support_x, support_y, self.options["test_inner_steps"],
-                           float(lr if lr is not None else self.options["inner_lr"]))
+                           float(lr if lr is not None else self.options["inner_lr"]),
+                           self.options["test_inner_batch_size"])
 
         def predict(query_x: Tensor) -> Tensor:
             return self.call(adapted, query_x)

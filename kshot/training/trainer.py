@@ -42,8 +42,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    lr_schedule: str = "step"
     lr_decay_every: int | None = None
     lr_decay: float = 0.5
+    lr_final: float = 0.0
     grad_clip: float | None = None
     val_every: int = 500
     val_ways: int = 5
@@ -85,6 +87,23 @@ def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or sgd")
 
 
+LR_SCHEDULES = ("step", "linear")
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule: lr_schedule "step" multiplies the rate by lr_decay every lr_decay_every steps
+    (never, if unset); "linear" anneals it from lr to lr_final over `steps` (Reptile's outer step size)."""
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every or 10**12, config.lr_decay)
+    if config.lr_schedule == "linear":
+        if config.lr <= 0:
+            raise ValueError(f"lr_schedule linear needs a positive lr, got {config.lr}")
+        final = config.lr_final / config.lr
+        steps = max(config.steps, 1)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 + (final - 1) * min(step, steps) / steps)
+    raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
 class Trainer:
     """Train `learner` into `run_dir` (which holds checkpoints/, metrics.jsonl)."""
 
@@ -117,7 +136,7 @@ class Trainer:
         stream = self.learner.training_stream(train, EpisodeShape(config.ways, config.shots, config.queries,
                                                                   config.meta_batch), seed=config.seed)
         optimizer = build_optimizer(config, self.learner.outer_parameters())
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every or 10**12, config.lr_decay)
+        scheduler = build_scheduler(config, optimizer)
         val_set = None
         if val is not None and config.val_every > 0:
             val_set = EpisodeSet(val, config.val_ways, config.val_shots or config.shots, config.val_queries,
