@@ -4,7 +4,9 @@
         runs/benchmarks/relation-omniglot-1shot --settings 5x1,5x5,20x1,20x5 --episodes 1000 --tag omniglot
 
 Each argument is a run folder (its checkpoints/best is used) or a checkpoint folder. The test split is the
-one the runs were trained with (they must agree). One `EpisodeSet` per N-way K-shot setting, with the same
+one the runs were trained with (they must agree). A run is scored only on the settings its recipe evaluates
+(a 1-shot model on 1-shot settings, a 5-way MAML head on 5-way ones) unless --all-settings is given; runs of
+one method that cover different settings (matching-1shot, matching-5shot) share a row of the table. One `EpisodeSet` per N-way K-shot setting, with the same
 seed for every run, is built once and given to every learner; the dataset fingerprint and a digest of the
 episodes' indices are printed and recorded, to show that the episodes were identical.
 """
@@ -83,10 +85,17 @@ def load_runs(runs: Sequence[str], device: str) -> list[tuple[str, Path, Any, di
     return loaded
 
 
+def recipe_settings(info: dict[str, Any]) -> set[tuple[int, int]] | None:
+    """The (N-way, K-shot) settings a run's recipe evaluates, or None if it names none (then: any)."""
+    evaluate = (info.get("recipe") or {}).get("evaluate") or []
+    return {(int(e["ways"]), int(e["shots"])) for e in evaluate} or None
+
+
 def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: int = 1000, queries: int = 15,
             seed: int = 0, device: str = "cpu", split: str | None = None, bn_mode: str | None = None,
-            progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate every run on the same fixed episode sets; one result row per (run, setting)."""
+            progress: bool = True, all_settings: bool = False) -> list[dict[str, Any]]:
+    """Evaluate every run on the same fixed episode sets; one result row per (run, setting) scored (each run
+    on the settings its recipe evaluates, or on all of them with all_settings)."""
     from kshot.data.registry import load_dataset
     from kshot.data.sampler import EpisodeSet
     from kshot.evaluation import evaluate
@@ -111,6 +120,9 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
         print(f"{ways}-way {shots}-shot: {episodes} episodes, seed {seed}, episodes digest {digest}",
               flush=True)
         for label, folder, learner, info in loaded:
+            declared = recipe_settings(info)
+            if not all_settings and declared is not None and (ways, shots) not in declared:
+                continue
             mode = bn_mode or info["recipe"].get("bn_mode", "inference")
             result = evaluate(learner, episode_set, bn_mode=mode, device=device, progress=progress)
             print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ({result.seconds:.0f} s)",
@@ -132,22 +144,24 @@ def section(rows: list[dict[str, Any]]) -> str:
     for name in sorted({r.get("comparison", RESULT_PREFIX) for r in rows}):
         group = [r for r in rows if r.get("comparison", RESULT_PREFIX) == name]
         settings = sorted({(r["ways"], r["shots"]) for r in group})
-        cells = {(r["run"], r["ways"], r["shots"]): r for r in group}
+        row_of = {id(r): table_row_name(r, group) for r in group}
+        cells = {(row_of[id(r)], r["ways"], r["shots"]): r for r in group}
         first = group[0]
         lines = [f"### {name}", "",
                  f"Test set {first['dataset']} (fingerprint `{first['dataset_fingerprint']}`), "
                  f"{first['episodes']} episodes per setting, {first['queries']} queries a class, "
                  f"episode seed {first['seed']}: every "
                  f"run was scored on the same episodes (digests below). Device: {first['device']}.", "",
-                 "| run | method | train steps | train time | "
+                 "| method | runs | train steps | train time | "
                  + " | ".join(f"{w}-way {k}-shot" for w, k in settings) + " |",
                  "|---|---|---|---|" + "---|" * len(settings)]
-        for run in dict.fromkeys(r["run"] for r in group):
-            row = next(r for r in group if r["run"] == run)
-            values = [f"{cells[run, w, k]['accuracy']:.2f} +- {cells[run, w, k]['ci95']:.2f}"
-                      if (run, w, k) in cells else "" for w, k in settings]
-            minutes = (row.get("train_seconds") or 0) / 60
-            lines.append(f"| {run} | {row['method']} | {row.get('train_steps', '')} | {minutes:.1f} min | "
+        for name in dict.fromkeys(row_of[id(r)] for r in group):
+            members = list({r["run"]: r for r in group if row_of[id(r)] == name}.values())
+            values = [f"{cells[name, w, k]['accuracy']:.2f} +- {cells[name, w, k]['ci95']:.2f}"
+                      if (name, w, k) in cells else "" for w, k in settings]
+            steps = " / ".join(str(r.get("train_steps", "")) for r in members)
+            minutes = " / ".join(f"{(r.get('train_seconds') or 0) / 60:.1f}" for r in members)
+            lines.append(f"| {name} | {', '.join(r['run'] for r in members)} | {steps} | {minutes} min | "
                          + " | ".join(values) + " |")
         digests = {(r["ways"], r["shots"]): r["episodes_digest"] for r in group}
         lines += ["", "Episode digests: "
@@ -156,6 +170,14 @@ def section(rows: list[dict[str, Any]]) -> str:
         lines += ["", "Command:", ""] + [f"- `{c}`" for c in commands]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def table_row_name(row: dict[str, Any], group: list[dict[str, Any]]) -> str:
+    """The table row of a result: its method, unless two runs of that method scored the same setting (then
+    the run's own name)."""
+    rivals = {r["run"] for r in group if r["method"] == row["method"] and (r["ways"], r["shots"]) ==
+              (row["ways"], row["shots"])}
+    return row["method"] if len(rivals) == 1 else row["run"]
 
 
 def main() -> None:
@@ -168,6 +190,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--split", default=None, help="test split (default: the runs' recipe's test split)")
+    parser.add_argument("--all-settings", action="store_true",
+                        help="score every run on every setting, not only those its recipe evaluates")
     parser.add_argument("--bn-mode", choices=["inference", "transductive"], default=None)
     parser.add_argument("--tag", default="", help="suffix of the results file: comparison-<tag>.json")
     parser.add_argument("--no-progress", action="store_true")
@@ -176,7 +200,8 @@ def main() -> None:
     from report import RESULTS, write_report
 
     rows = compare(args.runs, parse_settings(args.settings), args.episodes, args.queries, args.seed,
-                   args.device, args.split, args.bn_mode, progress=not args.no_progress)
+                   args.device, args.split, args.bn_mode, progress=not args.no_progress,
+                   all_settings=args.all_settings)
     name = RESULT_PREFIX + (f"-{args.tag}" if args.tag else "")
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:])
     for row in rows:

@@ -27,12 +27,14 @@ def write_folder(root: Path, classes: int, per_class: int, seed: int) -> None:
             Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
-def tiny_run(data: Path, learner: str, out: Path, options: dict, backbone: dict | None = None) -> Path:
+def tiny_run(data: Path, learner: str, out: Path, options: dict, backbone: dict | None = None,
+             evaluate: list | None = None) -> Path:
     recipe = Recipe.from_dict({
         "learner": learner, "backbone": backbone or {"name": "conv4", "hidden": 8}, "options": options,
         "dataset": {"name": "folder", "path": str(data), "image_size": 16, "channels": 1},
         "splits": {"train": "train", "val": "", "test": "test"},
         "train": {"ways": 3, "shots": 1, "queries": 2, "steps": 2, "val_every": 0, "val_shots": 1},
+        "evaluate": evaluate or [],
     }, name=learner)
     train_recipe(recipe, out, progress=False)
     return out
@@ -57,6 +59,25 @@ def test_runs_are_compared_on_identical_episodes(tmp_path, capsys):
     assert rows[0]["dataset_fingerprint"] in capsys.readouterr().out
     text = compare.section([{**r, "comparison": "comparison-test", "command": "cmd"} for r in rows])
     assert "| 3-way 1-shot | 5-way 2-shot |" in text and rows[0]["episodes_digest"] in text
+
+
+def test_runs_are_scored_on_their_recipes_settings_and_share_a_row_per_method(tmp_path):
+    data = tmp_path / "data"
+    write_folder(data / "train", classes=6, per_class=4, seed=0)
+    write_folder(data / "test", classes=5, per_class=4, seed=1)
+    one = {"ways": 3, "shots": 1, "queries": 2, "episodes": 4}
+    two = {"ways": 3, "shots": 2, "queries": 2, "episodes": 4}
+    runs = [str(tiny_run(data, "protonet", tmp_path / "proto-1shot", {}, evaluate=[one])),
+            str(tiny_run(data, "protonet", tmp_path / "proto-2shot", {}, evaluate=[two]))]
+    rows = compare.compare(runs, compare.parse_settings("3x1,3x2"), episodes=4, queries=2, progress=False)
+    assert [(r["run"], r["shots"]) for r in rows] == [("proto-1shot", 1), ("proto-2shot", 2)]
+    text = compare.section([{**r, "comparison": "comparison-test", "command": "cmd"} for r in rows])
+    assert "| protonet | proto-1shot, proto-2shot |" in text
+    every = compare.compare(runs, compare.parse_settings("3x1,3x2"), episodes=4, queries=2, progress=False,
+                            all_settings=True)
+    assert len(every) == 4
+    text = compare.section([{**r, "comparison": "comparison-test", "command": "cmd"} for r in every])
+    assert "| proto-1shot | proto-1shot |" in text and "| proto-2shot | proto-2shot |" in text
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
