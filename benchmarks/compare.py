@@ -6,7 +6,8 @@
 Each argument is a run folder (its checkpoints/best is used) or a checkpoint folder. The test split is the
 one the runs were trained with (they must agree). A run is scored only on the settings its recipe evaluates
 (a 1-shot model on 1-shot settings, a 5-way MAML head on 5-way ones) unless --all-settings is given; runs of
-one method that cover different settings (matching-1shot, matching-5shot) share a row of the table. One `EpisodeSet` per N-way K-shot setting, with the same
+one method that cover different settings (matching-1shot, matching-5shot) share a row of the table.
+One `EpisodeSet` per N-way K-shot setting, with the same
 seed for every run, is built once and given to every learner; the dataset fingerprint and a digest of the
 episodes' indices are printed and recorded, to show that the episodes were identical.
 """
