@@ -92,11 +92,27 @@ def recipe_settings(info: dict[str, Any]) -> set[tuple[int, int]] | None:
     return {(int(e["ways"]), int(e["shots"])) for e in evaluate} or None
 
 
+def weights_digest(folder: Path) -> str:
+    """A short hash of a checkpoint's weights file: equal digests, the same trained model."""
+    from kshot.training.checkpoint import WEIGHTS
+
+    return hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:16]
+
+
+def reusable(previous: Sequence[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
+    """A previously written row for the same weights, episodes and batch-norm mode, if there is one."""
+    keys = ("weights_digest", "episodes_digest", "dataset_fingerprint", "ways", "shots", "queries", "episodes",
+            "seed", "bn_mode")
+    return next((p for p in previous if all(p.get(k) == row[k] for k in keys)), None)
+
+
 def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: int = 1000, queries: int = 15,
             seed: int = 0, device: str = "cpu", split: str | None = None, bn_mode: str | None = None,
-            progress: bool = True, all_settings: bool = False) -> list[dict[str, Any]]:
+            progress: bool = True, all_settings: bool = False, previous: Sequence[dict[str, Any]] = ()
+            ) -> list[dict[str, Any]]:
     """Evaluate every run on the same fixed episode sets; one result row per (run, setting) scored (each run
-    on the settings its recipe evaluates, or on all of them with all_settings)."""
+    on the settings its recipe evaluates, or on all of them with all_settings). A row of `previous` for the
+    same weights and the same episodes is reused instead of evaluating again."""
     from kshot.data.registry import load_dataset
     from kshot.data.sampler import EpisodeSet
     from kshot.evaluation import evaluate
@@ -125,12 +141,21 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
             if not all_settings and declared is not None and (ways, shots) not in declared:
                 continue
             mode = bn_mode or info["recipe"].get("bn_mode", "inference")
+            key = {"weights_digest": weights_digest(folder), "episodes_digest": digest,
+                   "dataset_fingerprint": fingerprint, "ways": ways, "shots": shots, "queries": queries,
+                   "episodes": episodes, "seed": seed, "bn_mode": mode}
+            earlier = reusable(previous, key)
+            if earlier is not None:
+                print(f"  {label:40s} {earlier['accuracy']:6.2f} +- {earlier['ci95']:.2f}  (reused)", flush=True)
+                rows.append({**earlier, "run": label, "checkpoint": str(folder)})
+                continue
             result = evaluate(learner, episode_set, bn_mode=mode, device=device, progress=progress)
             print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ({result.seconds:.0f} s)",
                   flush=True)
             rows.append({
                 "method": learner.name, "run": label, "checkpoint": str(folder), "dataset": dataset.name,
-                "dataset_fingerprint": fingerprint, "episodes_digest": digest, "ways": ways, "shots": shots,
+                "dataset_fingerprint": fingerprint, "episodes_digest": digest,
+                "weights_digest": key["weights_digest"], "ways": ways, "shots": shots,
                 "queries": queries, "episodes": episodes, "seed": seed, "accuracy": round(result.accuracy, 3),
                 "ci95": round(result.ci95, 3), "bn_mode": mode, "train_steps": info.get("step"),
                 "train_seconds": round(info.get("train_seconds", 0.0), 1),
@@ -195,20 +220,23 @@ def main() -> None:
                         help="score every run on every setting, not only those its recipe evaluates")
     parser.add_argument("--bn-mode", choices=["inference", "transductive"], default=None)
     parser.add_argument("--tag", default="", help="suffix of the results file: comparison-<tag>.json")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep rows of the existing results file for unchanged weights and episodes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from report import RESULTS, write_report
 
+    name = RESULT_PREFIX + (f"-{args.tag}" if args.tag else "")
+    path = RESULTS / f"{name}.json"
+    previous = json.loads(path.read_text()) if args.reuse and path.is_file() else []
     rows = compare(args.runs, parse_settings(args.settings), args.episodes, args.queries, args.seed,
                    args.device, args.split, args.bn_mode, progress=not args.no_progress,
-                   all_settings=args.all_settings)
-    name = RESULT_PREFIX + (f"-{args.tag}" if args.tag else "")
+                   all_settings=args.all_settings, previous=previous)
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:])
     for row in rows:
         row.update(comparison=name, command=command)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {path} and {write_report()}")
 

@@ -73,6 +73,18 @@ def test_runs_are_scored_on_their_recipes_settings_and_share_a_row_per_method(tm
     assert [(r["run"], r["shots"]) for r in rows] == [("proto-1shot", 1), ("proto-2shot", 2)]
     text = compare.section([{**r, "comparison": "comparison-test", "command": "cmd"} for r in rows])
     assert "| protonet | proto-1shot, proto-2shot |" in text
+    import kshot.evaluation
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a row for the same weights and episodes should have been reused")
+
+    original, kshot.evaluation.evaluate = kshot.evaluation.evaluate, no_evaluation
+    try:
+        again = compare.compare(runs, compare.parse_settings("3x1,3x2"), episodes=4, queries=2, progress=False,
+                                previous=rows)
+    finally:
+        kshot.evaluation.evaluate = original
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
     every = compare.compare(runs, compare.parse_settings("3x1,3x2"), episodes=4, queries=2, progress=False,
                             all_settings=True)
     assert len(every) == 4
