@@ -89,6 +89,47 @@ def test_maml_with_batch_norm_conv_and_per_task_backward_match_reference():
     assert loss.item() == pytest.approx(model.loss(batch)[0].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("name,backbone,options,reference_options", [
+    ("maml", CONV, {}, {}),
+    ("maml", CONV, {"first_order": True}, {"first_order": True}),
+    ("anil", CONV, {}, {"head_only": True}),
+    ("metasgd", MLP, {}, {"learned_lrs": True}),
+])
+def test_task_threads_give_the_reference_meta_gradient(name, backbone, options, reference_options):
+    batch = meta_batch(tasks=5)
+    model = learner(name, backbone, inner_steps=2, inner_lr=0.3, **options)
+    reference = reference_gradient(model, batch, 2, 0.3, **reference_options)
+    for threads in (1, 2, 3):
+        model.options["task_threads"] = threads
+        assert_close(meta_gradient(model, batch), reference)
+
+
+def test_task_threads_follow_the_learners_mode_options_and_weights():
+    batch = meta_batch(tasks=4)
+    intra_op = torch.get_num_threads()
+    model = learner("maml", CONV, inner_steps=1, inner_lr=0.3, task_threads=2)
+    counters = [b.clone() for n, b in model.named_buffers() if n.endswith("num_batches_tracked")]
+    meta_gradient(model, batch)  # makes the thread pool and its replicas; train mode updates running stats
+    after = [b for n, b in model.named_buffers() if n.endswith("num_batches_tracked")]
+    assert [int(b - a) for a, b in zip(counters, after)] == [4 * 2] * len(after)  # 4 tasks, support + query
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)  # an optimiser step
+    model.options["first_order"] = True
+    assert_close(meta_gradient(model, batch), reference_gradient(model, batch, 1, 0.3, first_order=True))
+    before = [b.clone() for b in model.buffers()]
+    model.eval()  # running statistics used, not updated
+    model.options["first_order"] = False
+    model.options["task_threads"] = 1
+    single = meta_gradient(model, batch)
+    model.options["task_threads"] = 2
+    assert_close(meta_gradient(model, batch), single)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert torch.get_num_threads() == intra_op  # the caller's intra-op threads are left as they were
+    with pytest.raises(ValueError, match="task_threads"):
+        learner("maml", task_threads=0)
+
+
 def test_first_order_is_the_query_gradient_at_the_adapted_parameters():
     batch = meta_batch()
     second = learner("maml", inner_steps=2, inner_lr=0.3)

@@ -19,6 +19,7 @@ from kshot.episode import Episode
 from kshot.learners.base import Predictor
 from kshot.learners.functional import Params, func_inner_loop, inner_loop, pick_strategy
 from kshot.learners.gradient import FunctionalLearner, surrogate_loss
+from kshot.learners.task_threads import pool_for
 
 
 class MAML(FunctionalLearner):
@@ -27,7 +28,8 @@ class MAML(FunctionalLearner):
     name = "maml"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "ways": 5, "task": "classification", "inner_steps": 1, "inner_lr": 0.4, "test_inner_steps": None,
-        "test_inner_lr": None, "first_order": False, "per_task_backward": False, "strategy": "auto"}
+        "test_inner_lr": None, "first_order": False, "per_task_backward": False, "strategy": "auto",
+        "task_threads": "auto"}
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **options)
@@ -36,6 +38,18 @@ class MAML(FunctionalLearner):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
         pick_strategy(self, self.options["strategy"], torch.device("cpu"))  # fail early on a bad strategy
+        threads = self.options["task_threads"]
+        if threads != "auto" and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"task_threads must be 'auto' or a positive integer, got {threads!r}")
+
+    def task_thread_count(self, device: torch.device, tasks: int) -> int:
+        """Threads for the tasks of a meta-batch: "auto" gives one per intra-op thread on CPU (1 on GPUs,
+        where one task's kernels already fill the device); see kshot/learners/task_threads.py."""
+        requested = self.options["task_threads"]
+        if device.type != "cpu":
+            return 1
+        threads = torch.get_num_threads() if requested == "auto" else int(requested)
+        return max(1, min(threads, tasks))
 
     # ------------------------------------------------------------------------------- what the loop adapts
     def adapted_params(self) -> Params:
@@ -87,6 +101,14 @@ class MAML(FunctionalLearner):
             return losses.mean(), self.metrics(outputs.detach(), batch.query_y)
         tasks = batch.batch_size
         outer = [p for p in self.parameters() if p.requires_grad]
+        threads = self.task_thread_count(batch.support_x.device, tasks)
+        if threads > 1:
+            def one_task(replica: nn.Module, i: int) -> tuple[Tensor, Tensor]:
+                return replica.task_loss(batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i])
+
+            grads, losses, outputs = pool_for(self, threads).gradients(self, tasks, one_task)
+            loss = surrogate_loss(torch.stack(losses).mean(), outer, grads)
+            return loss, self.metrics(torch.stack(outputs), batch.query_y)
         grads: list[Tensor | None] = [None] * len(outer)
         losses, outputs = [], []
         for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
