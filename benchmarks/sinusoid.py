@@ -29,11 +29,25 @@ SNAPSHOTS = (2000, 5000, 10000, 20000, 40000)
 NETWORK = {"name": "mlp", "hidden": [40, 40], "out_features": 1}
 
 
-def build(inner_lr: float) -> Any:
-    """The paper's MLP 1-40-40-1 (ReLU) as a regression MAML learner (also used for the baseline's fine-tuning)."""
+def build(inner_lr: float, init: str = "torch") -> Any:
+    """The paper's MLP 1-40-40-1 (ReLU) as a regression MAML learner (also used for the baseline's fine-tuning).
+
+    init "torch" keeps PyTorch's default initialisation; "maml" is the reference code's (weights from a normal
+    truncated at 2 standard deviations of 0.01, zero biases)."""
     from kshot.learners import build_learner
 
-    return build_learner("maml", (1, 1, 1), NETWORK, {"task": "regression", "inner_lr": inner_lr, "inner_steps": 1})
+    learner = build_learner("maml", (1, 1, 1), NETWORK,
+                            {"task": "regression", "inner_lr": inner_lr, "inner_steps": 1})
+    if init == "maml":
+        with torch.no_grad():
+            for name, param in learner.named_parameters():
+                if name.endswith("bias"):
+                    param.zero_()
+                else:
+                    torch.nn.init.trunc_normal_(param, std=0.01, a=-0.02, b=0.02)
+    elif init != "torch":
+        raise ValueError(f"unknown init {init!r}; choose torch or maml")
+    return learner
 
 
 def train(learner: Any, stream: Any, iterations: int, budget_s: float, lr: float, pretrain: bool,
@@ -150,6 +164,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument("--init", choices=["torch", "maml"], default="torch",
+                        help="initial weights: PyTorch's default, or the MAML reference code's")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="results JSON (default benchmarks/results/sinusoid.json; the plot is written beside it)")
     parser.add_argument("--no-report", action="store_true", help="do not refresh BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,10 +180,10 @@ def main() -> None:
     tasks = SinusoidTasks()
     shape = EpisodeShape(ways=1, shots=10, queries=10, meta_batch=25)
     snapshots = tuple(n for n in SNAPSHOTS if n < args.iterations)
-    runs = {"maml": train(build(0.01), tasks.stream(shape, args.seed), args.iterations, args.budget_s, 1e-3,
-                          pretrain=False, snapshots=snapshots)}
+    runs = {"maml": train(build(0.01, args.init), tasks.stream(shape, args.seed), args.iterations, args.budget_s,
+                          1e-3, pretrain=False, snapshots=snapshots)}
     print(f"maml: {runs['maml'][0]} iterations in {runs['maml'][1]:.0f} s", flush=True)
-    runs["pretrained"] = train(build(0.01), tasks.stream(shape, args.seed), runs["maml"][0],
+    runs["pretrained"] = train(build(0.01, args.init), tasks.stream(shape, args.seed), runs["maml"][0],
                                args.pretrain_budget_s, 1e-3, pretrain=True)
     print(f"pretrained: {runs['pretrained'][0]} iterations in {runs['pretrained'][1]:.0f} s", flush=True)
     test = tasks.test_set(args.test_tasks, shots=5, queries=100, seed=args.seed + 1000)
@@ -182,7 +200,7 @@ def main() -> None:
             if name not in best or (math.isfinite(score) and score < best[name][0]):
                 best[name] = (score if math.isfinite(score) else math.inf, learner, first, iterations)
             rows.append({"method": name, "k_train": 10, "k_test": 5, "inner_lr": 0.01, "outer_lr": 1e-3,
-                         "meta_batch": 25, "query_points": 100, "test_tasks": len(errors),
+                         "meta_batch": 25, "query_points": 100, "test_tasks": len(errors), "init": args.init,
                          "mse": {str(s): round(mean[s].item(), 4) for s in STEPS},
                          "ci95": {str(s): round(ci[s].item(), 4) for s in STEPS},
                          "median": {str(s): round(errors[:, s].median().item(), 4) for s in STEPS},
@@ -193,10 +211,10 @@ def main() -> None:
                          "commit": current_commit(), "date": time.strftime("%Y-%m-%d"),
                          "command": "python benchmarks/sinusoid.py " + " ".join(sys.argv[1:])})
             print(name, iterations, {s: f"{mean[s]:.3f} +- {ci[s]:.3f}" for s in STEPS}, flush=True)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "sinusoid.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(results / "sinusoid.png", {n: b[1] for n, b in best.items()}, {n: b[2] for n, b in best.items()},
+    output = args.output or HERE / "results" / "sinusoid.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(rows, indent=2) + "\n")
+    plot(output.with_suffix(".png"), {n: b[1] for n, b in best.items()}, {n: b[2] for n, b in best.items()},
          {n: b[3] for n, b in best.items()}, test.unbind()[0], tasks)
     if not args.no_report:
         from report import write_report
