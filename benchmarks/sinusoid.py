@@ -127,20 +127,22 @@ def plot(path: Path, models: dict[str, Any], firsts: dict[str, list], iterations
 
 def section(rows: list[dict]) -> str:
     """Markdown: the Table-2 comparison, MAML's error against training iterations, and how it was trained."""
-    lines = ["| method | train iterations | train time | MSE pre-update | 1 step | 5 steps | 10 steps | "
-             "median after 10 steps | paper (1 / 5 / 10 steps) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r["train_iterations"])):
+    lines = ["| method | initial weights | train iterations | train time | MSE pre-update | 1 step | 5 steps | "
+             "10 steps | median after 10 steps | paper (1 / 5 / 10 steps) |", "|---" * 10 + "|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r.get("init", "torch"), r["train_iterations"])):
         cells = [f"{r['mse'][str(s)]:.3g} +- {r['ci95'][str(s)]:.2g}" for s in STEPS]
         paper = " / ".join(f"{v:.2f}" for v in r["paper"].values())
-        lines.append(f"| {r['method']} | {r['train_iterations']:,}{' (end)' if r.get('final') else ''} | "
+        lines.append(f"| {r['method']} | {r.get('init', 'torch')} | "
+                     f"{r['train_iterations']:,}{' (end)' if r.get('final') else ''} | "
                      f"{r['train_seconds'] / 60:.1f} min | {' | '.join(cells)} | {r['median']['10']:.3g} | "
                      f"{paper} |")
     first = rows[0]
     unstable = [r for r in rows if not r["mse"]["10"] <= r["mse"]["0"]]  # NaN or worse than before adapting
     if unstable:
         lines += ["", "Unstable: " + "; ".join(
-            f"{r['method']} at {r['train_iterations']:,} iterations, where more SGD steps than the one it was "
-            f"trained for diverge on some test tasks (10-step mean {r['mse']['10']:.3g})" for r in unstable) +
+            f"{r['method']} ({r.get('init', 'torch')} init) at {r['train_iterations']:,} iterations (10-step mean "
+            f"{r['mse']['10']:.3g})" for r in unstable) + ": there, more SGD steps than the one MAML was trained for "
+            "diverge on some test tasks" +
             ". Trained for a single step, MAML keeps lowering the 1-step error but sharpens the loss surface "
             "until further steps of 0.01 overshoot; the best 5- and 10-step errors come earlier in training."]
     lines += ["", f"MLP 1-40-40-1 (ReLU); MAML trained with K = {first['k_train']}, one inner step, alpha "
@@ -150,7 +152,9 @@ def section(rows: list[dict]) -> str:
               f"of size {first['inner_lr']} on K = {first['k_test']} points, MSE on {first['query_points']} query "
               f"points per task, mean +- 95% CI over {first['test_tasks']} tasks (the same tasks for every row). "
               f"{first['device']}, torch {first['torch']}, {first['date']}, commit {first['commit']}.",
-              "", f"Command: `{first['command']}`", "",
+              "", "Initial weights: `torch` is PyTorch's default, `maml` the MAML reference code's (truncated normal "
+              "of standard deviation 0.01, zero biases); the divergence comes with either.",
+              "", "Commands: " + ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)), "",
               "Plot (the paper's Figure 2, for the weights with the lowest 10-step error): "
               "`benchmarks/results/sinusoid.png`"]
     return "\n".join(lines)
