@@ -29,7 +29,7 @@ class MAML(FunctionalLearner):
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "ways": 5, "task": "classification", "inner_steps": 1, "inner_lr": 0.4, "test_inner_steps": None,
         "test_inner_lr": None, "first_order": False, "per_task_backward": False, "strategy": "auto",
-        "task_threads": "auto"}
+        "task_threads": 1}
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **options)
@@ -43,8 +43,9 @@ class MAML(FunctionalLearner):
             raise ValueError(f"task_threads must be 'auto' or a positive integer, got {threads!r}")
 
     def task_thread_count(self, device: torch.device, tasks: int) -> int:
-        """Threads for the tasks of a meta-batch: "auto" gives one per intra-op thread on CPU (1 on GPUs,
-        where one task's kernels already fill the device); see kshot/learners/task_threads.py."""
+        """Threads for the tasks of a meta-batch: 1 by default; "auto" gives one per intra-op thread on CPU, n
+        gives n (always 1 on GPUs, where one task's kernels already fill the device). Opt-in: on this project's
+        2-core CPU it measured 1.08x-1.25x the clone/adapt baseline (BENCHMARKS.md); see task_threads.py."""
         requested = self.options["task_threads"]
         if device.type != "cpu":
             return 1
