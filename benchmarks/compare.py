@@ -178,7 +178,7 @@ def section(rows: list[dict[str, Any]]) -> str:
                  f"{first['episodes']} episodes per setting, {first['queries']} queries a class, "
                  f"episode seed {first['seed']}: every "
                  f"run was scored on the same episodes (digests below). Device: {first['device']}.", "",
-                 "| method | runs | train steps | train time | "
+                 "| method | runs | steps of the evaluated checkpoint | its train time | "
                  + " | ".join(f"{w}-way {k}-shot" for w, k in settings) + " |",
                  "|---|---|---|---|" + "---|" * len(settings)]
         for name in dict.fromkeys(row_of[id(r)] for r in group):
@@ -187,8 +187,8 @@ def section(rows: list[dict[str, Any]]) -> str:
                       if (name, w, k) in cells else "" for w, k in settings]
             steps = " / ".join(str(r.get("train_steps", "")) for r in members)
             minutes = " / ".join(f"{(r.get('train_seconds') or 0) / 60:.1f}" for r in members)
-            lines.append(f"| {name} | {', '.join(r['run'] for r in members)} | {steps} | {minutes} min | "
-                         + " | ".join(values) + " |")
+            runs = ", ".join(r["run"] for r in members)
+            lines.append(f"| {members[0]['method']} | {runs} | {steps} | {minutes} min | " + " | ".join(values) + " |")
         digests = {(r["ways"], r["shots"]): r["episodes_digest"] for r in group}
         lines += ["", "Episode digests: "
                   + ", ".join(f"{w}-way {k}-shot `{d}`" for (w, k), d in sorted(digests.items()))]

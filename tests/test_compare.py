@@ -89,7 +89,7 @@ def test_runs_are_scored_on_their_recipes_settings_and_share_a_row_per_method(tm
                             all_settings=True)
     assert len(every) == 4
     text = compare.section([{**r, "comparison": "comparison-test", "command": "cmd"} for r in every])
-    assert "| proto-1shot | proto-1shot |" in text and "| proto-2shot | proto-2shot |" in text
+    assert "| protonet | proto-1shot |" in text and "| protonet | proto-2shot |" in text
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
