@@ -256,6 +256,12 @@ def test_wrong_ways_and_bad_options_raise_clear_errors():
         learner("maml", CONV, strategy="vmap")
     with pytest.raises(ValueError, match="classification"):
         learner("anil", task="regression")
+    with pytest.raises(ValueError, match="inner_steps must be a non-negative integer, got -1"):
+        learner("maml", inner_steps=-1)
+    with pytest.raises(ValueError, match=r"test_inner_steps must be a non-negative integer or null"):
+        learner("maml", test_inner_steps=1.5)
+    with pytest.raises(ValueError, match="test_inner_steps must be a non-negative integer, got True"):
+        learner("reptile", test_inner_steps=True)
 
 
 @pytest.mark.parametrize("name", ["maml", "metasgd", "reptile"])

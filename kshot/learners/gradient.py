@@ -4,7 +4,7 @@ training stream that also takes task families such as the sinusoids."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -103,3 +103,42 @@ def surrogate_loss(value: Tensor, params: list[Tensor], grads: list[Tensor | Non
     if not isinstance(inner, Tensor):
         return value.detach()
     return value.detach() + inner - inner.detach()
+
+
+TaskFn = Callable[[nn.Module, int], tuple[Tensor, Tensor]]
+"""(module, task index) -> (task loss, task outputs), computed with that module's submodules and parameters."""
+
+
+def per_task_gradients(module: nn.Module, indices: Iterable[int], tasks: int, task_fn: TaskFn
+                       ) -> tuple[list[Tensor | None], list[Tensor], list[Tensor]]:
+    """Backpropagate each task of `indices` as soon as its loss is known (one task's graph alive at a time):
+    the summed gradients of loss / tasks with respect to module's trainable parameters (None where unused),
+    and each task's detached loss and outputs."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    grads: list[Tensor | None] = [None] * len(trainable)
+    losses, outputs = [], []
+    for index in indices:
+        loss, out = task_fn(module, index)
+        grads = add_gradients(grads, torch.autograd.grad(loss / tasks, trainable, allow_unused=True))
+        losses.append(loss.detach())
+        outputs.append(out.detach())
+    return grads, losses, outputs
+
+
+def add_gradients(total: Sequence[Tensor | None], more: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Element-wise sum of two gradient lists in which None stands for zero."""
+    return [a if b is None else (b if a is None else a + b) for a, b in zip(total, more, strict=True)]
+
+
+def check_int_options(options: dict[str, Any], keys: Iterable[str], minimum: int, none_means: str | None = None
+                      ) -> None:
+    """Raise a clear error unless each option of `keys` is an integer >= minimum (or None, when none_means
+    says what None stands for)."""
+    for key in keys:
+        value = options[key]
+        if value is None and none_means is not None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+            allowed = f" or null ({none_means})" if none_means else ""
+            raise ValueError(f"{key} must be {kind}{allowed}, got {value!r}")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from kshot.episode import Episode
 from kshot.learners.base import Predictor
 from kshot.learners.functional import Params, func_inner_loop, inner_loop, pick_strategy
-from kshot.learners.gradient import FunctionalLearner, surrogate_loss
+from kshot.learners.gradient import FunctionalLearner, check_int_options, per_task_gradients, surrogate_loss
 from kshot.learners.task_threads import pool_for
 
 
@@ -33,10 +33,8 @@ class MAML(FunctionalLearner):
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **options)
-        for key in ("inner_steps", "test_inner_steps"):
-            value = self.options[key]
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+        check_int_options(self.options, ["inner_steps"], 0)
+        check_int_options(self.options, ["test_inner_steps"], 0, none_means="inner_steps")
         pick_strategy(self, self.options["strategy"], torch.device("cpu"))  # fail early on a bad strategy
         threads = self.options["task_threads"]
         if threads != "auto" and (not isinstance(threads, int) or threads < 1):
@@ -103,26 +101,19 @@ class MAML(FunctionalLearner):
         tasks = batch.batch_size
         outer = [p for p in self.parameters() if p.requires_grad]
         threads = self.task_thread_count(batch.support_x.device, tasks)
-        if threads > 1:
-            def one_task(replica: nn.Module, i: int) -> tuple[Tensor, Tensor]:
-                return replica.task_loss(batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i])
 
+        def one_task(module: nn.Module, i: int) -> tuple[Tensor, Tensor]:
+            return module.task_loss(batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i])
+
+        if threads > 1:
             grads, losses, outputs = pool_for(self, threads).gradients(self, tasks, one_task)
-            loss = surrogate_loss(torch.stack(losses).mean(), outer, grads)
-            return loss, self.metrics(torch.stack(outputs), batch.query_y)
-        grads: list[Tensor | None] = [None] * len(outer)
-        losses, outputs = [], []
-        for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
-            task_loss, task_outputs = self.task_loss(sx, sy, qx, qy)
-            if self.options["per_task_backward"]:
-                task_grads = torch.autograd.grad(task_loss / tasks, outer, allow_unused=True)
-                grads = [g if t is None else (t if g is None else g + t) for g, t in zip(grads, task_grads)]
-                task_loss = task_loss.detach()
-            losses.append(task_loss)
-            outputs.append(task_outputs.detach())
-        loss = torch.stack(losses).mean()
-        if self.options["per_task_backward"]:
-            loss = surrogate_loss(loss, outer, grads)
+        elif self.options["per_task_backward"]:
+            grads, losses, outputs = per_task_gradients(self, range(tasks), tasks, one_task)
+        else:  # one graph for the whole meta-batch, backpropagated by the trainer
+            losses, outputs = zip(*(one_task(self, i) for i in range(tasks)), strict=True)
+            outputs = [out.detach() for out in outputs]
+            return torch.stack(losses).mean(), self.metrics(torch.stack(outputs), batch.query_y)
+        loss = surrogate_loss(torch.stack(losses).mean(), outer, grads)
         return loss, self.metrics(torch.stack(outputs), batch.query_y)
 
     # -------------------------------------------------------------------------------------------- inference

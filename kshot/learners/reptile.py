@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from kshot.episode import Episode
 from kshot.learners.base import Predictor
 from kshot.learners.functional import Params
-from kshot.learners.gradient import FunctionalLearner
+from kshot.learners.gradient import FunctionalLearner, check_int_options
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 
@@ -40,13 +40,9 @@ class Reptile(FunctionalLearner):
         if self.options["inner_optimizer"] not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got "
                              f"{self.options['inner_optimizer']!r}")
-        for key in ("inner_steps", "test_inner_steps"):
-            if not isinstance(self.options[key], int) or self.options[key] < 0:
-                raise ValueError(f"{key} must be a non-negative integer, got {self.options[key]!r}")
-        for key in ("inner_batch_size", "test_inner_batch_size"):
-            value = self.options[key]
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key} must be a positive integer or null (whole support set), got {value!r}")
+        check_int_options(self.options, ["inner_steps", "test_inner_steps"], 0)
+        check_int_options(self.options, ["inner_batch_size", "test_inner_batch_size"], 1,
+                          none_means="the whole support set")
 
     @staticmethod
     def mini_batches(examples: int, batch_size: int | None, steps: int, device: torch.device) -> list[Tensor | None]:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
 
-TaskFn = Callable[[nn.Module, int], tuple[Tensor, Tensor]]
-"""(replica, task index) -> (task loss, task outputs), computed with the replica's modules and parameters."""
+from kshot.learners.gradient import TaskFn, add_gradients, per_task_gradients
 
 
 def pool_for(owner: nn.Module, threads: int) -> TaskThreads:
@@ -63,13 +62,13 @@ class TaskThreads:
         shares = [range(start, tasks, self.threads) for start in range(self.threads)]
         intra_op = torch.get_num_threads()
         try:
-            results = list(self.pool.map(lambda args: run_share(*args, tasks, task_fn),
+            results = list(self.pool.map(lambda args: one_thread_share(*args, tasks, task_fn),
                                          zip(self.replicas, shares)))
         finally:
             torch.set_num_threads(intra_op)  # the workers set theirs to 1; keep the caller's as it was
         grads: list[Tensor | None] = [None] * len(results[0][0])
         for share_grads, _, _ in results:
-            grads = [g if t is None else (t if g is None else g + t) for g, t in zip(grads, share_grads)]
+            grads = add_gradients(grads, share_grads)
         by_task: dict[int, tuple[Tensor, Tensor]] = {}
         for (_, losses, outputs), share in zip(results, shares):
             by_task.update({i: (loss, out) for i, loss, out in zip(share, losses, outputs)})
@@ -104,20 +103,11 @@ def sync(replica: nn.Module, owner: nn.Module) -> None:
         replica.options = owner.options
 
 
-def run_share(replica: nn.Module, share: Sequence[int], tasks: int, task_fn: TaskFn
-              ) -> tuple[list[Tensor | None], list[Tensor], list[Tensor]]:
-    """One thread's work: each task of `share` forward and backward on `replica`, gradients summed."""
+def one_thread_share(replica: nn.Module, share: Sequence[int], tasks: int, task_fn: TaskFn
+                     ) -> tuple[list[Tensor | None], list[Tensor], list[Tensor]]:
+    """One worker thread's tasks on its replica, each backpropagated at once, on one intra-op thread."""
     torch.set_num_threads(1)  # this thread's own OpenMP setting: one core per thread
-    trainable = [p for p in replica.parameters() if p.requires_grad]
-    grads: list[Tensor | None] = [None] * len(trainable)
-    losses, outputs = [], []
-    for index in share:
-        loss, out = task_fn(replica, index)
-        task_grads = torch.autograd.grad(loss / tasks, trainable, allow_unused=True)
-        grads = [g if t is None else (t if g is None else g + t) for g, t in zip(grads, task_grads)]
-        losses.append(loss.detach())
-        outputs.append(out.detach())
-    return grads, losses, outputs
+    return per_task_gradients(replica, share, tasks, task_fn)
 
 
 def average_running_stats(owner: nn.Module, replicas: Sequence[nn.Module]) -> None:
