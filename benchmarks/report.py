@@ -84,22 +84,67 @@ def _load_section_writers() -> None:
             register_section(module.RESULT_PREFIX, module.TITLE, module.section)
 
 
+CURVE_POINTS = 6  # validation points shown per run, spread evenly, the last always included
+
+
+def curve_points(rows: list[dict], count: int = CURVE_POINTS) -> list[dict]:
+    """At most `count` of a run's validation rows, evenly spread from the first to the last."""
+    if len(rows) <= count:
+        return rows
+    picks = sorted({round(i * (len(rows) - 1) / (count - 1)) for i in range(count)})
+    return [rows[i] for i in picks]
+
+
 def learning_curves() -> str:
     """Validation accuracy against steps and wall time, from the training logs kept in results/logs/."""
     logs = sorted((RESULTS / "logs").glob("*.metrics.jsonl"))
     if not logs:
         return ""
-    marks = (500, 1000, 2000, 5000, 10000, 20000, 30000)
     lines = ["How fast each run got there: validation accuracy (fixed validation episodes, the recipe's val "
-             "settings) after a number of steps, with the wall time since the start of training (validation "
-             "included). Logs: `benchmarks/results/logs/`.", "",
-             "| run | " + " | ".join(f"{m:,} steps" for m in marks) + " |", "|---|" + "---|" * len(marks)]
+             "settings) at up to six of its validations, each as steps: accuracy (wall time since the start of "
+             "training, validation included). Logs: `benchmarks/results/logs/`.", "",
+             "| run | validations: steps: accuracy (wall time) |", "|---|---|"]
     for path in logs:
         rows = [json.loads(line) for line in path.read_text().splitlines() if "val_accuracy" in line]
-        by_step = {r["step"]: r for r in rows}
-        cells = [f"{by_step[m]['val_accuracy']:.2f}% ({by_step[m]['seconds'] / 60:.1f} min)" if m in by_step else ""
-                 for m in marks]
-        lines.append(f"| {path.name.removesuffix('.metrics.jsonl')} | " + " | ".join(cells) + " |")
+        cells = [f"{r['step']:,}: {r['val_accuracy']:.2f}% ({r['seconds'] / 60:.1f} min)" for r in curve_points(rows)]
+        lines.append(f"| {path.name.removesuffix('.metrics.jsonl')} | " + "; ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
+GRADIENT_FAMILIES = ("maml", "fomaml", "anil", "metasgd", "reptile")
+
+
+def recipe_family(recipe: str) -> str:
+    """"fomaml-omniglot-20way-1shot" -> "fomaml": the recipe name before its dataset."""
+    return recipe.split("-omniglot")[0]
+
+
+def settings_table(rows: list[dict], families: tuple[str, ...], device_prefix: str) -> str:
+    """One line per recipe family, one column per Omniglot setting: accuracy with its CI, the steps and wall time
+    its run trained, and the paper's figure. Only rows of recipes run on `device_prefix` ("cpu", "NVIDIA")."""
+    cells: dict[tuple[str, int, int], dict] = {}
+    for r in rows:
+        family = recipe_family(r.get("recipe", ""))
+        if family in families and str(r.get("device", "")).startswith(device_prefix) and \
+                r.get("dataset", "").startswith("omniglot") and r.get("episodes", 0) >= 1000 and \
+                f"{r['ways']}way-{r['shots']}shot" in r.get("recipe", ""):
+            cells[family, r["ways"], r["shots"]] = r
+    if not cells:
+        return ""
+    lines = ["| learner | " + " | ".join(f"{w}-way {k}-shot" for w, k in SETTINGS) + " |",
+             "|---|" + "---|" * len(SETTINGS)]
+    for family in families:
+        row = []
+        for ways, shots in SETTINGS:
+            r = cells.get((family, ways, shots))
+            if r is None:
+                row.append("not run")
+                continue
+            paper = "" if r.get("paper") in (None, "") else f"; paper {r['paper']}"
+            row.append(f"{r['accuracy']:.2f} +- {r['ci95']:.2f} ({r.get('train_steps', '?')} steps, "
+                       f"{r.get('train_seconds', 0) / 60:.0f} min{paper})")
+        lines.append(f"| {family} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -117,6 +162,18 @@ def write_report() -> Path:
     parts = [HEADER]
     if accuracy_rows:
         parts += ["## Few-shot classification accuracy", "", accuracy_table(accuracy_rows), ""]
+    cpu_table = settings_table(accuracy_rows, GRADIENT_FAMILIES, "cpu")
+    if cpu_table:
+        parts += ["## Gradient-based learners at the four Omniglot settings on this CPU", "",
+                  "The `cpu-budget` rows of the table above, one line per learner: each run trained for a budget "
+                  "of minutes on one core (1-2% or less of the papers' 60,000-200,000 iterations), so these figures "
+                  "say how far the budget got, not what the method reaches. Transductive batch norm, 1,000 test "
+                  "episodes, 15 queries a class; first-order MAML is `fomaml`.", "", cpu_table, ""]
+    gpu_table = settings_table(accuracy_rows, GRADIENT_FAMILIES, "NVIDIA")
+    if gpu_table:
+        parts += ["## Gradient-based learners at the four Omniglot settings on a lent GPU", "",
+                  "The GPU rows of the table above, likewise trained under a time budget (several runs sharing "
+                  "one GPU; see each row's device).", "", gpu_table, ""]
     curves = learning_curves()
     if curves:
         parts += ["## Validation accuracy against training time", "", curves, ""]
