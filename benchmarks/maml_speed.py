@@ -7,6 +7,9 @@ runs in a fresh process: its first meta-batch gives the peak memory and the grad
     python benchmarks/maml_speed.py --repeats 3       # the figures in BENCHMARKS.md (median of 3)
     python benchmarks/maml_speed.py --device cuda
 
+The row "one process per thread" is the distributed trainer's step (kshot/training/distributed.py): --threads
+processes of one thread each split the meta-batch and average their gradients with one Gloo all_reduce.
+
 Images are random (timing does not depend on them). Peak memory: on CPU the growth of the resident set during
 the first meta-batch (sampled every 0.5 ms); on CUDA torch.cuda.max_memory_allocated.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
+DISTRIBUTED = "kshot maml, one process per thread (torch.distributed)"
 RESULT_PREFIX = "maml_speed"
 TITLE = "MAML speed and memory (Conv-4, Omniglot 5-way 1-shot, meta-batch 32, one inner step)"
 METHODS = {
@@ -35,8 +40,10 @@ METHODS = {
     "kshot maml, task threads": {"task_threads": "auto"},
     "kshot maml, per_task_backward": {"per_task_backward": True, "task_threads": 1},
     "kshot maml, first_order": {"first_order": True, "task_threads": 1},
+    DISTRIBUTED: {"task_threads": 1},
 }
 EXACT = ("kshot maml (functional loop)", "kshot maml, per_task_backward")
+ONE_THREAD_KERNELS = ("kshot maml, task threads", DISTRIBUTED)  # compared with clone/adapt on one thread
 BASELINE = "clone/adapt (learn2learn-style)"
 
 
@@ -125,6 +132,66 @@ def measure(method: str, queries: int, device: str, repeats: int) -> dict[str, A
     return {"ms": sorted(times)[len(times) // 2], "peak_mb": peak, "grads": grads}
 
 
+def max_difference(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The largest absolute difference between two meta-gradients (lists of tensors)."""
+    return max((a - b).abs().max().item() for a, b in zip(grads, reference, strict=True))
+
+
+def measure_distributed(queries: int, device: str, repeats: int, processes: int) -> dict[str, Any]:
+    """`measure` for the distributed trainer's step: `processes` processes of one thread each, each taking its
+    share of the meta-batch (`kshot.training.distributed.shard`), gradients averaged with one Gloo all_reduce
+    per meta-batch. Peak memory is the sum over the processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(distributed_worker, args=(processes, port, queries, device, repeats, folder),
+                           nprocs=processes, start_method="spawn")
+        found = [torch.load(Path(folder) / f"rank{rank}.pt") for rank in range(processes)]
+    return {"ms": found[0]["ms"], "peak_mb": sum(f["peak_mb"] for f in found), "grads": found[0]["grads"]}
+
+
+def distributed_worker(rank: int, processes: int, port: int, queries: int, device: str, repeats: int,
+                       folder: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from kshot.training import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(processes))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    learner, batch = setup(queries, device)
+    learner.options.update(task_threads=1)
+    part = distributed.shard(batch, rank, processes)
+    trained = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=1e-3)
+
+    def run() -> None:
+        loss, _ = learner.loss(part)
+        loss.backward()
+        distributed.average_gradients(trained, [loss.item()])
+
+    dist.barrier()
+    peak = peak_during(run, device)
+    grads = [p.grad.detach().cpu().clone() for p in learner.network_params().values()]
+    optimizer.step()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        run()
+        optimizer.step()
+        times.append(1000 * (time.perf_counter() - start))
+    torch.save({"ms": sorted(times)[len(times) // 2], "peak_mb": peak, "grads": grads},
+               Path(folder) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
 def measure_in_fresh_process(method: str, queries: int, device: str, threads: int, repeats: int
                              ) -> dict[str, Any]:
     """`measure` in a new Python process, so that memory figures do not depend on what ran before."""
@@ -143,31 +210,43 @@ def resident_mb() -> float:
 
 
 def section(rows: list[dict]) -> str:
-    """Markdown table of the timings, memory and ratios against the clone/adapt baseline."""
-    lines = ["| method | queries a class | ms / meta-batch | speed-up vs clone/adapt | peak memory MB | device | "
-             "torch |", "|---|---|---|---|---|---|---|"]
+    """Markdown table of the timings, memory, meta-gradient differences and ratios against clone/adapt."""
+    lines = ["| method | queries a class | ms / meta-batch | speed-up vs clone/adapt | peak memory MB | "
+             "meta-gradient difference | device | torch |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        difference = f"{r['max_grad_difference']:.1e}"
+        if r.get("max_grad_difference_one_thread") is not None:
+            difference += f" ({r['max_grad_difference_one_thread']:.1e} to clone/adapt on 1 thread)"
         lines.append(f"| {r['method']} | {r['queries']} | {r['ms']:.0f} | {r['speedup']:.2f}x | "
-                     f"{r['peak_mb']:.0f} | {r['device']} | {r['torch']} |")
+                     f"{r['peak_mb']:.0f} | {difference} | {r['device']} | {r['torch']} |")
     first = rows[0]
-    exact = [r["speedup"] for r in rows if r["method"] in EXACT]
-    threaded = [r["speedup"] for r in rows if r["method"] == "kshot maml, task threads"]
-    verdict = ("reaches" if min(threaded) >= 2 else "does not reach") if threaded else "was not measured against"
-    grads = ", ".join(f"{r['method']}, {r['queries']} queries: {r['max_grad_difference']:.1e}" for r in rows
-                      if r["method"] != BASELINE)
-    lines += ["", f"At identical numerics (second order) kshot is {min(exact):.2f}x to {max(exact):.2f}x the "
-              f"clone/adapt loop here; task threads {verdict} issue 3's goal of 2x in every row. On CPU the "
+    identical = {}  # queries -> best speed-up at identical numerics
+    for r in rows:
+        same = r["method"] in EXACT or (r.get("max_grad_difference_one_thread") or 1.0) <= 1e-5
+        if same and r["method"] != BASELINE:
+            identical[r["queries"]] = max(identical.get(r["queries"], 0.0), r["speedup"])
+    best = ", ".join(f"{speedup:.2f}x with {queries} {'query' if queries == 1 else 'queries'} a class"
+                     for queries, speedup in sorted(identical.items()))
+    verdict = "reaches" if identical and min(identical.values()) >= 2 else "does not reach"
+    noise = next((r["baseline_thread_noise"] for r in rows if r.get("baseline_thread_noise") is not None), None)
+    lines += ["", f"Best speed-up at identical numerics here: {best}; so kshot {verdict} issue 3's goal of 2x on this "
+              "machine. Identical numerics means a meta-gradient within 1e-5 of the clone/adapt loop's computed "
+              "with the same kernels: a method whose kernels run on one thread each (task threads, one process per "
+              "thread) is compared with clone/adapt on one thread, because floating-point sums in the kernels "
+              "depend on the thread count" + (f" (clone/adapt itself differs by {noise:.1e} between 1 and "
+              f"{first['threads']} threads)" if noise is not None else "") + ". On CPU the "
               "convolution, pooling and batch-norm kernels (forward, backward and double backward) are most of a "
               "meta-batch (`benchmarks/maml_profile.py`), which no task loop removes; what a loop can change is "
               "how many cores they keep busy. `task threads` (opt-in option `task_threads`) runs the tasks of a "
               "meta-batch on one thread per core, each on its own replica of the learner "
-              "(`kshot/learners/task_threads.py`), where the baseline relies on intra-op threads inside each "
-              "small kernel; its kernels, on one intra-op thread each, sum in another order, so its meta-gradient "
-              "is further from the baseline's (below) and it is not counted as identical numerics here. Timings "
-              "on this shared 2-core machine vary by up to a third between identical runs.", "",
+              "(`kshot/learners/task_threads.py`); `one process per thread` is the distributed trainer's step "
+              "(`kshot/training/distributed.py`, Gloo): each process takes its share of the meta-batch and one "
+              "all_reduce averages the gradients, as `torchrun --nproc-per-node N` training does. The baseline "
+              "relies on intra-op threads inside each small kernel. Timings on this shared 2-core machine vary by "
+              "up to a third between identical runs.", "",
               f"Median of {first['repeats']} meta-batches after a warm-up (forward, backward, Adam step). "
-              f"{first['memory_note']} Largest meta-gradient difference to clone/adapt on the first "
-              f"meta-batch ({grads}; first order differs by design). "
+              f"{first['memory_note']} Meta-gradient difference: the largest absolute difference to clone/adapt's "
+              "on the first meta-batch (first order differs by design). "
               "Strategy: on CPU a plain functional loop over tasks (`strategy: auto` picks `loop` for "
               "networks with convolutions or batch norm; vmap over tasks turns per-task convolutions into grouped "
               "convolutions, measured 0.5x with 15 queries on CPU in issue 3); `vmap` is picked for fully "
@@ -192,7 +271,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
     if args.probe:
-        torch.save(measure(args.probe, args.queries[0], args.device, args.repeats), args.probe_out)
+        found = measure_distributed(args.queries[0], args.device, args.repeats, args.threads) \
+            if args.probe == DISTRIBUTED else measure(args.probe, args.queries[0], args.device, args.repeats)
+        torch.save(found, args.probe_out)
         return
     from kshot.pipeline import current_commit, device_name
 
@@ -201,12 +282,19 @@ def main() -> None:
     for queries in args.queries:
         measured = {m: measure_in_fresh_process(m, queries, args.device, args.threads, args.repeats)
                     for m in methods}
+        one_thread = None  # clone/adapt's meta-gradient with one thread per kernel
+        if args.device == "cpu" and args.threads > 1 and any(m in ONE_THREAD_KERNELS for m in methods):
+            one_thread = measure_in_fresh_process(BASELINE, queries, args.device, 1, 1)["grads"]
         for method, found in measured.items():
-            difference = max((a - b).abs().max().item()
-                             for a, b in zip(found["grads"], measured[BASELINE]["grads"], strict=True))
+            difference = max_difference(found["grads"], measured[BASELINE]["grads"])
             row = {"method": method, "queries": queries, "ms": round(found["ms"], 1),
                    "speedup": round(measured[BASELINE]["ms"] / found["ms"], 3), "peak_mb": round(found["peak_mb"], 1),
-                   "max_grad_difference": difference, "repeats": args.repeats, "device": device_name(args.device),
+                   "max_grad_difference": difference,
+                   "max_grad_difference_one_thread": max_difference(found["grads"], one_thread)
+                   if one_thread is not None and method in ONE_THREAD_KERNELS else None,
+                   "baseline_thread_noise": max_difference(measured[BASELINE]["grads"], one_thread)
+                   if one_thread is not None else None,
+                   "threads": args.threads, "repeats": args.repeats, "device": device_name(args.device),
                    "torch": torch.__version__.split("+")[0], "commit": current_commit(),
                    "date": time.strftime("%Y-%m-%d"),
                    "memory_note": "Peak memory: torch.cuda.max_memory_allocated over the first meta-batch."
@@ -216,7 +304,9 @@ def main() -> None:
                               f"--repeats {args.repeats} --queries {' '.join(map(str, args.queries))}"}
             rows.append(row)
             print(f"{queries:2d} queries  {method:36s} {row['ms']:8.0f} ms  {row['speedup']:.2f}x  "
-                  f"{row['peak_mb']:.0f} MB  (max gradient difference to the baseline {difference:.1e})", flush=True)
+                  f"{row['peak_mb']:.0f} MB  (max gradient difference to the baseline {difference:.1e}"
+                  + (f", {row['max_grad_difference_one_thread']:.1e} to it on one thread"
+                     if row["max_grad_difference_one_thread"] is not None else "") + ")", flush=True)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     suffix = "" if args.device == "cpu" else "-" + args.device.replace(":", "")

@@ -15,6 +15,7 @@ from report import RESULTS, write_report  # noqa: E402
 
 from kshot.pipeline import evaluate_recipe, result_rows, train_recipe  # noqa: E402
 from kshot.recipe import load_recipe  # noqa: E402
+from kshot.training.distributed import is_main_process  # noqa: E402
 
 
 def main() -> None:
@@ -32,6 +33,8 @@ def main() -> None:
         stem = recipe.name + (f"-{args.tag}" if args.tag else "")
         run = train_recipe(recipe, Path(args.runs) / stem, device=args.device, resume=args.resume,
                            overwrite=not args.resume, progress=not args.no_progress)
+        if not is_main_process():  # under torchrun, the main process evaluates and writes the results
+            continue
         results = evaluate_recipe(run.learner, recipe, device=args.device, progress=not args.no_progress)
         rows = result_rows(recipe, results, run.train_seconds, run.steps, args.device)
         for row, result in zip(rows, results):
@@ -39,7 +42,8 @@ def main() -> None:
             print(result.summary(), flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    write_report()
+    if is_main_process():
+        write_report()
 
 
 if __name__ == "__main__":

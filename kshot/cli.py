@@ -76,12 +76,15 @@ def train(recipe: str, out: str | None, resume: bool, overwrite: bool, no_eval: 
           sets, data, data_root, archives, device) -> None:
     """Meta-train RECIPE (a shipped recipe name or a YAML file), then evaluate it on its test split."""
     from kshot.pipeline import evaluate_recipe, result_rows, train_recipe, write_results
+    from kshot.training.distributed import is_main_process
 
     chosen = load_recipe(recipe, _overrides(sets, data, data_root, archives))
     device = _device(device)
     run_dir = Path(out or Path("runs") / chosen.name)
     click.echo(f"training {chosen.learner} ({chosen.name}) on {device} into {run_dir}")
     run = train_recipe(chosen, run_dir, device=device, resume=resume, overwrite=overwrite)
+    if not is_main_process():  # under torchrun, the main process evaluates and writes the results
+        return
     click.echo(f"trained {run.steps} steps in {run.train_seconds:.0f} s; best checkpoint: {run_dir}/checkpoints/best")
     if no_eval or not chosen.evaluate:
         return

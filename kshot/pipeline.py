@@ -18,6 +18,7 @@ from kshot.evaluation import EvaluationResult, evaluate
 from kshot.learners import Learner, build_learner
 from kshot.recipe import Recipe
 from kshot.training.checkpoint import load_learner
+from kshot.training.distributed import local_device
 from kshot.training.trainer import Trainer
 
 RESULTS_FILE = "results.json"
@@ -46,9 +47,12 @@ class TrainedRun:
 
 def train_recipe(recipe: Recipe, run_dir: str | Path, device: str = "cpu", resume: bool = False,
                  overwrite: bool = False, progress: bool = True) -> TrainedRun:
-    """Build the recipe's learner, train it into `run_dir`, and return it with its best weights loaded."""
+    """Build the recipe's learner, train it into `run_dir`, and return it with its best weights loaded.
+    Under torchrun every process calls this and trains its share of each batch (see
+    `kshot.training.distributed`); afterwards only the main process should evaluate and write results."""
     train = load_dataset(recipe.dataset, recipe.splits["train"])
     val = load_dataset(recipe.dataset, recipe.splits["val"]) if recipe.splits.get("val") else None
+    device = str(local_device(device))  # under torchrun, this process's own GPU
     if device != "cpu":
         train = train.to(device)
         val = val.to(device) if val is not None else None

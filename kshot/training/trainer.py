@@ -19,6 +19,7 @@ from kshot.data.sampler import EpisodeSet
 from kshot.episode import Episode
 from kshot.evaluation import EvaluationResult, evaluate
 from kshot.learners import EpisodeShape, Learner
+from kshot.training import distributed
 from kshot.training.checkpoint import load_learner_weights, load_trainer_state, read_info, save_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -111,7 +112,7 @@ class Trainer:
                  device: str | torch.device = "cpu", progress: bool = True, run_info: dict[str, Any] | None = None
                  ) -> None:
         self.learner, self.config, self.run_dir = learner, config, Path(run_dir)
-        self.device = torch.device(device)
+        self.device = distributed.local_device(device)
         self.progress = progress
         self.run_info = dict(run_info or {})
         self.best_metric = -math.inf
@@ -128,9 +129,31 @@ class Trainer:
 
     def fit(self, train: ClassDataset, val: ClassDataset | None = None, resume: bool = False,
             overwrite: bool = False) -> list[dict[str, Any]]:
-        """Train to `config.steps` outer steps (or the time budget); returns the validation history."""
+        """Train to `config.steps` outer steps (or the time budget); returns the validation history.
+
+        Under torchrun, every process runs this: each step's batch is split between the processes and their
+        gradients averaged (`kshot.training.distributed`); only the main process logs, validates and saves."""
+        group = distributed.join_process_group(self.device)
+        try:
+            return self._fit(train, val, resume, overwrite, group)
+        finally:
+            distributed.leave_process_group(group)
+
+    def _fit(self, train: ClassDataset, val: ClassDataset | None, resume: bool, overwrite: bool,
+             group: distributed.ProcessGroup | None) -> list[dict[str, Any]]:
         config = self.config
-        self._claim_run_dir(resume, overwrite)
+        main = group is None or group.is_main
+        refused: Exception | None = None
+        if main:
+            try:
+                self._claim_run_dir(resume, overwrite)
+            except (RunExistsError, FileNotFoundError) as error:
+                refused = error
+        # Every process learns whether the run folder was claimed before anyone reads it.
+        if group is not None and distributed.any_process(refused is not None, self.device) and refused is None:
+            raise RuntimeError("the main process (rank 0) could not claim the run folder; its error says why")
+        if refused is not None:
+            raise refused
         self.learner.prepare(train)
         self.learner.to(self.device)
         stream = self.learner.training_stream(train, EpisodeShape(config.ways, config.shots, config.queries,
@@ -138,49 +161,69 @@ class Trainer:
         optimizer = build_optimizer(config, self.learner.outer_parameters())
         scheduler = build_scheduler(config, optimizer)
         val_set = None
-        if val is not None and config.val_every > 0:
+        if val is not None and config.val_every > 0 and main:
             val_set = EpisodeSet(val, config.val_ways, config.val_shots or config.shots, config.val_queries,
                                  config.val_episodes, seed=config.seed + 1)
         torch.manual_seed(config.seed)
         if resume:
-            self._restore(optimizer, scheduler, stream)
+            self._restore(optimizer, scheduler, stream, rewrite_log=main)
+        if group is not None:
+            distributed.broadcast_module(self.learner)
+        trained = [p for p in self.learner.parameters() if p.requires_grad]
         history: list[dict[str, Any]] = []
-        log = open(self.run_dir / METRICS_FILE, "a")
+        log = open(self.run_dir / METRICS_FILE, "a") if main else None
         bar = tqdm(total=config.steps, initial=self.step, desc=f"training {self.learner.name}",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and main), dynamic_ncols=True)
         started = time.perf_counter() - self.train_seconds
         try:
             while self.step < config.steps:
-                if config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s:
+                out_of_time = config.time_budget_s is not None and \
+                    time.perf_counter() - started >= config.time_budget_s
+                if group is not None:
+                    out_of_time = distributed.any_process(out_of_time and main, self.device)
+                if out_of_time:
                     break
-                batch = move(next(stream), self.device)
+                batch = next(stream)
+                if group is not None:
+                    batch = distributed.shard(batch, group.rank, group.world_size)
+                batch = move(batch, self.device)
                 self.learner.train()
                 loss, metrics = self.learner.loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                loss_value = loss.item()
+                if group is not None:
+                    names = sorted(metrics)
+                    values = distributed.average_gradients(trained, [loss_value] + [metrics[k] for k in names])
+                    loss_value, metrics = values[0], dict(zip(names, values[1:]))
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.learner.parameters(), config.grad_clip)
                 optimizer.step()
                 scheduler.step()
+                if group is not None:
+                    distributed.average_buffers(self.learner)
                 self.step += 1
                 self.train_seconds = time.perf_counter() - started
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower the "
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training loss became {loss_value} at step {self.step}; lower the "
                                              f"learning rate or clip gradients (grad_clip)")
-                if self.step % config.log_every == 0:
-                    row = {"step": self.step, "loss": loss.item(), **metrics, "lr": scheduler.get_last_lr()[0],
+                if log is not None and self.step % config.log_every == 0:
+                    row = {"step": self.step, "loss": loss_value, **metrics, "lr": scheduler.get_last_lr()[0],
                            "seconds": round(self.train_seconds, 3)}
                     log.write(json.dumps(row) + "\n")
-                    bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+                    bar.set_postfix(loss=f"{loss_value:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
                 bar.update(1)
                 at_end = self.step >= config.steps
-                if (config.val_every > 0 and self.step % config.val_every == 0) or at_end:
+                if main and ((config.val_every > 0 and self.step % config.val_every == 0) or at_end):
                     history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log))
-            if self.step < config.steps:  # stopped by the time budget: keep what was reached
+            if main and self.step < config.steps:  # stopped by the time budget: keep what was reached
                 history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log))
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
+        if group is not None:
+            distributed.barrier()  # the main process's checkpoints are on disk for everyone to load
         return history
 
     # --------------------------------------------------------------------------------------------- internals
@@ -222,7 +265,7 @@ class Trainer:
             save_checkpoint(self.best_dir, self.learner, {**info, "best_metric": metric})
         return row
 
-    def _restore(self, optimizer, scheduler, stream) -> None:
+    def _restore(self, optimizer, scheduler, stream, rewrite_log: bool = True) -> None:
         read_info(self.last_dir)
         load_learner_weights(self.learner, self.last_dir, self.device)
         state = load_trainer_state(self.last_dir)
@@ -237,7 +280,7 @@ class Trainer:
         self.train_seconds = state["train_seconds"]
         # Forget log rows written after the checkpoint, so the log continues where the weights do.
         path = self.run_dir / METRICS_FILE
-        if path.exists():
+        if rewrite_log and path.exists():
             rows = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.step]
             path.write_text("".join(row + "\n" for row in rows))
