@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,26 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert "error: no recipe named 'no-such-recipe'" in result.stderr and "Traceback" not in result.stderr
     listed = subprocess.run([sys.executable, "-m", "kshot.cli", "recipes"], capture_output=True, text=True)
     assert "protonet-omniglot-1shot" in listed.stdout
+
+
+def test_cli_trains_on_two_processes_under_torchrun(folder, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("""
+learner: protonet
+backbone: {name: conv4, hidden: 8}
+dataset: {name: folder, image_size: 16, channels: 1}
+train: {ways: 3, shots: 1, queries: 2, meta_batch: 2, steps: 4, val_every: 2, val_ways: 2, val_queries: 2,
+        val_episodes: 5}
+evaluate:
+  - {ways: 2, shots: 1, queries: 2, episodes: 10}
+""")
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "kshot", "train", str(recipe),
+               "--data", str(folder), "--out", str(run), "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("2-way 1-shot") == 1, "only the main process evaluates"
+    assert (run / "results.json").is_file() and (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4], "one validation row each 2 steps, from the main process only"

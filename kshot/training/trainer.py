@@ -151,7 +151,7 @@ class Trainer:
                 refused = error
         # Every process learns whether the run folder was claimed before anyone reads it.
         if group is not None and distributed.any_process(refused is not None, self.device) and refused is None:
-            raise RuntimeError("the main process (rank 0) could not claim the run folder; its error says why")
+            raise RunExistsError("the main process (rank 0) could not claim the run folder; its error says why")
         if refused is not None:
             raise refused
         self.learner.prepare(train)
