@@ -64,12 +64,12 @@ def config(**changes) -> TrainConfig:
     return TrainConfig(**{**values, **changes})
 
 
-def train(learner_name: str, run_dir: Path, **changes) -> torch.nn.Module:
+def train(learner_name: str, run_dir: Path, resume: bool = False, **changes) -> torch.nn.Module:
     data = synthetic_dataset(classes=10, per_class=6, size=16, seed=2)
     torch.manual_seed(0)
     learner = build_learner(learner_name, data.image_shape, BACKBONE,
                             {"ways": 3, "inner_steps": 1, "inner_lr": 0.1} if learner_name == "maml" else None)
-    Trainer(learner, config(**changes), run_dir, progress=False).fit(data, data)
+    Trainer(learner, config(**changes), run_dir, progress=False).fit(data, data, resume=resume)
     return learner
 
 
@@ -135,3 +135,13 @@ def test_a_refused_run_folder_stops_every_process_with_an_error(tmp_path):
     train("protonet", tmp_path)  # the folder now holds a run
     with pytest.raises(mp.ProcessRaisedException, match="already holds a training run|could not claim"):
         train_on_two_processes("protonet", tmp_path)
+
+
+def test_a_distributed_run_resumes_where_it_stopped(tmp_path):
+    train_on_two_processes("maml", tmp_path / "straight")
+    train_on_two_processes("maml", tmp_path / "resumed", steps=2)
+    train_on_two_processes("maml", tmp_path / "resumed", steps=4, resume=True)
+    assert_same_replicas(tmp_path / "resumed")
+    straight, resumed = replicas(tmp_path / "straight")[0], replicas(tmp_path / "resumed")[0]
+    for name, value in straight.items():
+        assert torch.allclose(value.float(), resumed[name].float(), atol=1e-6), name
