@@ -83,16 +83,21 @@ def test_keras_like_api_fit_evaluate_adapt_predict_save_load(tmp_path):
         loaded.adapt(support[:3], [0, 1])
 
 
-def test_cli_trains_evaluates_and_predicts_on_a_folder(folder, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("""
+def tiny_recipe(path: Path, train: str) -> Path:
+    """A ProtoNet recipe on a folder dataset, training with `train` (YAML flow mapping items)."""
+    path.write_text(f"""
 learner: protonet
-backbone: {name: conv4, hidden: 8}
-dataset: {name: folder, image_size: 16, channels: 1}
-train: {ways: 3, shots: 1, queries: 2, steps: 6, val_every: 3, val_ways: 2, val_queries: 2, val_episodes: 5}
+backbone: {{name: conv4, hidden: 8}}
+dataset: {{name: folder, image_size: 16, channels: 1}}
+train: {{ways: 3, shots: 1, queries: 2, val_ways: 2, val_queries: 2, val_episodes: 5, {train}}}
 evaluate:
-  - {ways: 2, shots: 1, queries: 2, episodes: 10}
+  - {{ways: 2, shots: 1, queries: 2, episodes: 10}}
 """)
+    return path
+
+
+def test_cli_trains_evaluates_and_predicts_on_a_folder(folder, tmp_path):
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", "steps: 6, val_every: 3")
     runner = CliRunner()
     run = tmp_path / "run"
     out = runner.invoke(cli, ["train", str(recipe), "--data", str(folder), "--out", str(run), "--device", "cpu"])
@@ -125,16 +130,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 
 def test_cli_trains_on_two_processes_under_torchrun(folder, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("""
-learner: protonet
-backbone: {name: conv4, hidden: 8}
-dataset: {name: folder, image_size: 16, channels: 1}
-train: {ways: 3, shots: 1, queries: 2, meta_batch: 2, steps: 4, val_every: 2, val_ways: 2, val_queries: 2,
-        val_episodes: 5}
-evaluate:
-  - {ways: 2, shots: 1, queries: 2, episodes: 10}
-""")
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", "meta_batch: 2, steps: 4, val_every: 2")
     run = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "kshot", "train", str(recipe),
