@@ -7,7 +7,7 @@ runs in a fresh process: its first meta-batch gives the peak memory and the grad
     python benchmarks/maml_speed.py --repeats 3       # the figures in BENCHMARKS.md (median of 3)
     python benchmarks/maml_speed.py --device cuda
 
-The row "one process per thread" is the distributed trainer's step (kshot/training/distributed.py): --threads
+The row "one process per thread" is the distributed trainer's step (kshot/distributed.py): --threads
 processes of one thread each split the meta-batch and average their gradients with one Gloo all_reduce.
 
 Images are random (timing does not depend on them). Peak memory: on CPU the growth of the resident set during
@@ -139,7 +139,7 @@ def max_difference(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> 
 
 def measure_distributed(queries: int, device: str, repeats: int, processes: int) -> dict[str, Any]:
     """`measure` for the distributed trainer's step: `processes` processes of one thread each, each taking its
-    share of the meta-batch (`kshot.training.distributed.shard`), gradients averaged with one Gloo all_reduce
+    share of the meta-batch (`kshot.distributed.shard`), gradients averaged with one Gloo all_reduce
     per meta-batch. Peak memory is the sum over the processes."""
     import torch.multiprocessing as mp
 
@@ -159,7 +159,7 @@ def distributed_worker(rank: int, processes: int, port: int, queries: int, devic
 
     import torch.distributed as dist
 
-    from kshot.training import distributed
+    from kshot import distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(processes))
     torch.set_num_threads(1)
@@ -240,7 +240,7 @@ def section(rows: list[dict]) -> str:
               "how many cores they keep busy. `task threads` (opt-in option `task_threads`) runs the tasks of a "
               "meta-batch on one thread per core, each on its own replica of the learner "
               "(`kshot/learners/task_threads.py`); `one process per thread` is the distributed trainer's step "
-              "(`kshot/training/distributed.py`, Gloo): each process takes its share of the meta-batch and one "
+              "(`kshot/distributed.py`, Gloo): each process takes its share of the meta-batch and one "
               "all_reduce averages the gradients, as `torchrun --nproc-per-node N` training does. The baseline "
               "relies on intra-op threads inside each small kernel. Timings on this shared 2-core machine vary by "
               "up to a third between identical runs.", "",

@@ -105,12 +105,13 @@ class FewShotModel:
         return self.history
 
     def evaluate(self, data: ClassDataset | EpisodeSet, ways: int = 5, shots: int = 1, queries: int = 15,
-                 episodes: int = 1000, seed: int = 0, bn_mode: str | None = None, progress: bool = True
-                 ) -> EvaluationResult:
-        """Mean accuracy and 95% CI over a fixed set of episodes (the same for the same arguments)."""
+                 episodes: int = 1000, seed: int = 0, bn_mode: str | None = None, progress: bool = True,
+                 across_processes: bool = False) -> EvaluationResult:
+        """Mean accuracy and 95% CI over a fixed set of episodes (the same for the same arguments); under
+        torchrun, `across_processes` splits the episodes between the processes (see `kshot.evaluation`)."""
         episode_set = data if isinstance(data, EpisodeSet) else EpisodeSet(data, ways, shots, queries, episodes, seed)
         return evaluate(self._require(), episode_set, bn_mode=bn_mode or self.bn_mode, device=self.device,
-                        progress=progress)
+                        progress=progress, across_processes=across_processes)
 
     def adapt(self, support_x: Tensor, support_labels: Sequence[Any] | Tensor) -> AdaptedClassifier:
         """Adapt to a support set whose labels can be any hashable values (class names, ids)."""

@@ -74,25 +74,29 @@ def list_recipes() -> None:
 @with_data_options
 def train(recipe: str, out: str | None, resume: bool, overwrite: bool, no_eval: bool, eval_episodes: int | None,
           sets, data, data_root, archives, device) -> None:
-    """Meta-train RECIPE (a shipped recipe name or a YAML file), then evaluate it on its test split."""
+    """Meta-train RECIPE (a shipped recipe name or a YAML file), then evaluate it on its test split.
+    Under torchrun, every process trains and evaluates its share; the first one prints and writes."""
+    from kshot.distributed import is_main_process, process_group
     from kshot.pipeline import evaluate_recipe, result_rows, train_recipe, write_results
-    from kshot.training.distributed import is_main_process
 
     chosen = load_recipe(recipe, _overrides(sets, data, data_root, archives))
     device = _device(device)
     run_dir = Path(out or Path("runs") / chosen.name)
-    click.echo(f"training {chosen.learner} ({chosen.name}) on {device} into {run_dir}")
-    run = train_recipe(chosen, run_dir, device=device, resume=resume, overwrite=overwrite)
-    if not is_main_process():  # under torchrun, the main process evaluates and writes the results
-        return
-    click.echo(f"trained {run.steps} steps in {run.train_seconds:.0f} s; best checkpoint: {run_dir}/checkpoints/best")
-    if no_eval or not chosen.evaluate:
-        return
-    results = evaluate_recipe(run.learner, chosen, device=device, episodes=eval_episodes)
-    for result in results:
-        click.echo(result.summary())
-    path = write_results(run_dir, result_rows(chosen, results, run.train_seconds, run.steps, device))
-    click.echo(f"results written to {path}")
+    with process_group(device):
+        say = click.echo if is_main_process() else (lambda message: None)
+        say(f"training {chosen.learner} ({chosen.name}) on {device} into {run_dir}")
+        run = train_recipe(chosen, run_dir, device=device, resume=resume, overwrite=overwrite)
+        say(f"trained {run.steps} steps in {run.train_seconds:.0f} s; best checkpoint: {run_dir}/checkpoints/best")
+        if no_eval or not chosen.evaluate:
+            return
+        results = evaluate_recipe(run.learner, chosen, device=device, episodes=eval_episodes,
+                                  progress=is_main_process(), across_processes=True)
+        if not is_main_process():
+            return
+        for result in results:
+            click.echo(result.summary())
+        path = write_results(run_dir, result_rows(chosen, results, run.train_seconds, run.steps, device))
+        click.echo(f"results written to {path}")
 
 
 @cli.command("evaluate")
@@ -110,6 +114,7 @@ def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episo
     """Evaluate a run folder or checkpoint on fixed, seeded test episodes; print accuracy +- 95% CI."""
     from kshot.api import FewShotModel
     from kshot.data.registry import load_dataset
+    from kshot.distributed import is_main_process, process_group
     from kshot.recipe import Recipe, apply_overrides
     from kshot.training.checkpoint import read_info
 
@@ -122,9 +127,12 @@ def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episo
     saved = info.get("recipe") or {"learner": info["model"]["learner"], "dataset": {"name": "folder"}}
     recipe = Recipe.from_dict(apply_overrides(saved, _overrides(sets, data, data_root, archives)))
     dataset = load_dataset(recipe.dataset, split or recipe.splits.get("test", "test"))
-    result = model.evaluate(dataset.to(device) if device != "cpu" else dataset, ways=ways, shots=shots,
-                            queries=queries, episodes=episodes, seed=seed, bn_mode=bn_mode)
-    click.echo(result.summary())
+    with process_group(device):  # under torchrun, each process scores its share of the episodes
+        result = model.evaluate(dataset.to(device) if device != "cpu" else dataset, ways=ways, shots=shots,
+                                queries=queries, episodes=episodes, seed=seed, bn_mode=bn_mode,
+                                progress=is_main_process(), across_processes=True)
+        if is_main_process():
+            click.echo(result.summary())
 
 
 @cli.command()

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kshot import distributed
 from kshot.batchnorm import batchnorm_mode
 from kshot.data.sampler import EpisodeSet
 from kshot.learners.base import Learner
@@ -61,19 +62,27 @@ class EvaluationResult:
 
 def evaluate(learner: Learner, episodes: EpisodeSet, bn_mode: str = "inference",
              device: torch.device | str | None = None, progress: bool = True,
-             metric: Callable[[Tensor, Tensor], float] = query_accuracy) -> EvaluationResult:
+             metric: Callable[[Tensor, Tensor], float] = query_accuracy,
+             across_processes: bool = False) -> EvaluationResult:
     """Score `learner` on every episode of `episodes`: adapt to the support set, predict the queries.
 
     Batch norm uses running statistics ("inference", the default) unless bn_mode="transductive".
+    With `across_processes` in a distributed run (torchrun), every process must call this: each scores the
+    episodes rank, rank + world size, ... and all of them return the result over the whole set, the same
+    per-episode scores a single process gives.
     """
     device = torch.device(device) if device is not None else next(learner.parameters()).device
+    group = distributed.current_group() if across_processes else None
+    indices = range(len(episodes)) if group is None else range(group.rank, len(episodes), group.world_size)
     scores: list[float] = []
     start = time.perf_counter()
     with batchnorm_mode(learner, bn_mode), torch.no_grad():
-        for episode in tqdm(episodes, desc="evaluating", disable=not progress, leave=False):
-            episode = episode.to(device)
+        for index in tqdm(indices, desc="evaluating", disable=not progress, leave=False):
+            episode = episodes[index].to(device)
             predictor = learner.adapt(episode.support_x, episode.support_y)
             scores.append(metric(predictor(episode.query_x), episode.query_y))
+    if group is not None:
+        scores = distributed.gather_scores(scores, group, len(episodes), device)
     mean, ci = mean_ci95(scores)
     return EvaluationResult(accuracy=100 * mean, ci95=100 * ci, episodes=len(scores), ways=episodes.ways,
                             shots=episodes.shots, queries=episodes.queries, bn_mode=bn_mode,

@@ -14,11 +14,11 @@ import torch
 
 from kshot.data.registry import load_dataset
 from kshot.data.sampler import EpisodeSet
+from kshot.distributed import current_group, local_device
 from kshot.evaluation import EvaluationResult, evaluate
 from kshot.learners import Learner, build_learner
 from kshot.recipe import Recipe
 from kshot.training.checkpoint import load_learner
-from kshot.training.distributed import local_device
 from kshot.training.trainer import Trainer
 
 RESULTS_FILE = "results.json"
@@ -49,7 +49,7 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, device: str = "cpu", resum
                  overwrite: bool = False, progress: bool = True) -> TrainedRun:
     """Build the recipe's learner, train it into `run_dir`, and return it with its best weights loaded.
     Under torchrun every process calls this and trains its share of each batch (see
-    `kshot.training.distributed`); afterwards only the main process should evaluate and write results."""
+    `kshot.distributed`); afterwards only the main process should evaluate and write results."""
     train = load_dataset(recipe.dataset, recipe.splits["train"])
     val = load_dataset(recipe.dataset, recipe.splits["val"]) if recipe.splits.get("val") else None
     device = str(local_device(device))  # under torchrun, this process's own GPU
@@ -66,8 +66,11 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, device: str = "cpu", resum
 
 
 def evaluate_recipe(learner: Learner, recipe: Recipe, device: str = "cpu", bn_mode: str | None = None,
-                    episodes: int | None = None, progress: bool = True) -> list[EvaluationResult]:
-    """Evaluate on the recipe's test split for each of its evaluation settings (fixed, seeded episodes)."""
+                    episodes: int | None = None, progress: bool = True, across_processes: bool = False
+                    ) -> list[EvaluationResult]:
+    """Evaluate on the recipe's test split for each of its evaluation settings (fixed, seeded episodes); under
+    torchrun, `across_processes` has every process score its share of the episodes."""
+    device = str(local_device(device))
     test = load_dataset(recipe.dataset, recipe.splits["test"])
     if device != "cpu":
         test = test.to(device)
@@ -76,7 +79,7 @@ def evaluate_recipe(learner: Learner, recipe: Recipe, device: str = "cpu", bn_mo
         episode_set = EpisodeSet(test, setting.ways, setting.shots, setting.queries, episodes or setting.episodes,
                                  seed=setting.seed)
         results.append(evaluate(learner, episode_set, bn_mode=bn_mode or recipe.bn_mode, device=device,
-                                progress=progress))
+                                progress=progress, across_processes=across_processes))
     return results
 
 
@@ -96,9 +99,14 @@ def result_rows(recipe: Recipe, results: list[EvaluationResult], train_seconds: 
 
 
 def device_name(device: str) -> str:
+    """What a result ran on, for its row: the GPU's name or the CPU's thread count, and the process count of a
+    distributed run (e.g. "cpu (1 threads) x 2 processes")."""
     if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({torch.get_num_threads()} threads)"
+        name = torch.cuda.get_device_name(local_device(device))
+    else:
+        name = f"cpu ({torch.get_num_threads()} threads)"
+    group = current_group()
+    return name if group is None else f"{name} x {group.world_size} processes"
 
 
 def write_results(run_dir: Path, rows: list[dict[str, Any]]) -> Path:

@@ -138,6 +138,8 @@ def test_cli_trains_on_two_processes_under_torchrun(folder, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("2-way 1-shot") == 1, "only the main process evaluates"
-    assert (run / "results.json").is_file() and (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    rows = json.loads((run / "results.json").read_text())
+    assert rows[0]["device"].endswith("x 2 processes") and rows[0]["episodes"] == 10
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4], "one validation row each 2 steps, from the main process only"

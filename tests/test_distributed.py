@@ -14,10 +14,12 @@ import torch
 import torch.multiprocessing as mp
 from conftest import synthetic_dataset
 
+from kshot.data.sampler import EpisodeSet
+from kshot.distributed import ShardError, process_group, shard
 from kshot.episode import Episode
+from kshot.evaluation import evaluate
 from kshot.learners import build_learner
 from kshot.training import TrainConfig, Trainer, load_learner
-from kshot.training.distributed import ShardError, shard
 
 BACKBONE = {"name": "conv4", "hidden": 8}
 
@@ -145,3 +147,25 @@ def test_a_distributed_run_resumes_where_it_stopped(tmp_path):
     straight, resumed = replicas(tmp_path / "straight")[0], replicas(tmp_path / "resumed")[0]
     for name, value in straight.items():
         assert torch.allclose(value.float(), resumed[name].float(), atol=1e-6), name
+
+
+def evaluation_worker(rank: int, port: int, checkpoint: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    with process_group("cpu"):
+        learner, _ = load_learner(checkpoint)
+        data = synthetic_dataset(classes=10, per_class=6, size=16, seed=2)
+        result = evaluate(learner, EpisodeSet(data, 3, 1, 2, 9, seed=5), progress=False, across_processes=True)
+        torch.save(result.per_episode, Path(out) / f"scores{rank}.pt")
+
+
+def test_evaluation_across_processes_scores_every_episode_as_one_process_does(tmp_path):
+    train("protonet", tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "last"
+    learner, _ = load_learner(checkpoint)
+    data = synthetic_dataset(classes=10, per_class=6, size=16, seed=2)
+    alone = evaluate(learner, EpisodeSet(data, 3, 1, 2, 9, seed=5), progress=False, across_processes=True)
+    mp.start_processes(evaluation_worker, args=(free_port(), str(checkpoint), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):  # 9 episodes: 5 scored by the first process, 4 by the second, all known to both
+        assert torch.load(tmp_path / f"scores{rank}.pt") == alone.per_episode

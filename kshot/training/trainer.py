@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kshot import distributed
 from kshot.data.dataset import ClassDataset
 from kshot.data.sampler import EpisodeSet
 from kshot.episode import Episode
 from kshot.evaluation import EvaluationResult, evaluate
 from kshot.learners import EpisodeShape, Learner
-from kshot.training import distributed
 from kshot.training.checkpoint import load_learner_weights, load_trainer_state, read_info, save_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -132,7 +132,7 @@ class Trainer:
         """Train to `config.steps` outer steps (or the time budget); returns the validation history.
 
         Under torchrun, every process runs this: each step's batch is split between the processes and their
-        gradients averaged (`kshot.training.distributed`); only the main process logs, validates and saves."""
+        gradients averaged (`kshot.distributed`); only the main process logs, validates and saves."""
         group = distributed.join_process_group(self.device)
         try:
             return self._fit(train, val, resume, overwrite, group)
@@ -161,7 +161,7 @@ class Trainer:
         optimizer = build_optimizer(config, self.learner.outer_parameters())
         scheduler = build_scheduler(config, optimizer)
         val_set = None
-        if val is not None and config.val_every > 0 and main:
+        if val is not None and config.val_every > 0:
             val_set = EpisodeSet(val, config.val_ways, config.val_shots or config.shots, config.val_queries,
                                  config.val_episodes, seed=config.seed + 1)
         torch.manual_seed(config.seed)
@@ -214,10 +214,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_value:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
                 bar.update(1)
                 at_end = self.step >= config.steps
-                if main and ((config.val_every > 0 and self.step % config.val_every == 0) or at_end):
-                    history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log))
-            if main and self.step < config.steps:  # stopped by the time budget: keep what was reached
-                history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log))
+                if (config.val_every > 0 and self.step % config.val_every == 0) or at_end:
+                    history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
+            if self.step < config.steps:  # stopped by the time budget: keep what was reached
+                history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
         finally:
             bar.close()
             if log is not None:
@@ -240,13 +240,18 @@ class Trainer:
             (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def _validate_and_save(self, val_set, optimizer, scheduler, stream, log) -> dict[str, Any]:
+    def _validate_and_save(self, val_set, optimizer, scheduler, stream, log, main: bool = True) -> dict[str, Any]:
+        """Validate (each process scoring its share of the episodes in a distributed run) and, in the main
+        process, log the result and save the last (and, if it improved, the best) checkpoint."""
         row: dict[str, Any] = {"step": self.step, "seconds": round(self.train_seconds, 3)}
         result: EvaluationResult | None = None
         if val_set is not None:
             result = evaluate(self.learner, val_set, bn_mode=self.config.val_bn_mode, device=self.device,
-                              progress=False)
+                              progress=False, across_processes=True)
             row.update(val_accuracy=result.accuracy, val_ci95=result.ci95)
+        if not main:
+            return row
+        if result is not None:
             log.write(json.dumps(row) + "\n")
             log.flush()
         info = {"step": self.step, "train_seconds": self.train_seconds, "train_config": asdict(self.config),

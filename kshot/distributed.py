@@ -12,6 +12,8 @@ flattened gradients after the backward does the same averaging for every learner
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -58,6 +60,22 @@ def join_process_group(device: torch.device) -> ProcessGroup | None:
     return ProcessGroup(dist.get_rank(), dist.get_world_size(), owned)
 
 
+def current_group() -> ProcessGroup | None:
+    """The process group this process is in, if it has more than one process (without joining one)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return ProcessGroup(dist.get_rank(), dist.get_world_size())
+    return None
+
+
+def gather_scores(scores: list[float], group: ProcessGroup, total: int, device: torch.device) -> list[float]:
+    """Per-episode scores of a set split round-robin (process r scored episodes r, r + world size, ...),
+    back in episode order on every process."""
+    full = torch.zeros(total, dtype=torch.float64, device=device)
+    full[group.rank::group.world_size] = torch.tensor(scores, dtype=torch.float64, device=device)
+    dist.all_reduce(full)
+    return full.tolist()
+
+
 def local_device(device: str | torch.device) -> torch.device:
     """The device this process should train on: under torchrun, a bare "cuda" means this process's own GPU
     (cuda:LOCAL_RANK), so that the processes of one machine do not all crowd onto the first."""
@@ -71,6 +89,17 @@ def leave_process_group(group: ProcessGroup | None) -> None:
     """Destroy the process group if `join_process_group` created it."""
     if group is not None and group.owned and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str | torch.device) -> Iterator[ProcessGroup | None]:
+    """Join the process group torchrun's environment describes (None in a single process) for the duration of a
+    command, so that its training and its evaluation both run on every process; leave it at the end."""
+    group = join_process_group(local_device(device))
+    try:
+        yield group
+    finally:
+        leave_process_group(group)
 
 
 def is_main_process() -> bool:
