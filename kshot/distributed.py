@@ -53,6 +53,8 @@ def join_process_group(device: torch.device) -> ProcessGroup | None:
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return None
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each process's communicator to its current GPU
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
         owned = True
     if dist.get_world_size() <= 1:
