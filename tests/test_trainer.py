@@ -108,6 +108,14 @@ def test_time_budget_stops_early_and_still_saves(data, tmp_path):
     assert (trainer.last_dir / "model.safetensors").is_file()
 
 
+def test_time_budget_does_not_validate_a_step_twice(data, tmp_path):
+    # Validating every step, the budget always stops the run right after a validation of its last step.
+    settings = TrainConfig(**{**vars(config(10_000, time_budget_s=0.5)), "val_every": 1})
+    history = Trainer(make(data), settings, tmp_path, progress=False).fit(data, data)
+    steps = [row["step"] for row in history]
+    assert len(steps) == len(set(steps)) and steps[-1] > 0
+
+
 def test_unknown_training_setting_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown training settings"):
         TrainConfig.from_dict({"stepz": 3})

@@ -216,7 +216,8 @@ class Trainer:
                 at_end = self.step >= config.steps
                 if (config.val_every > 0 and self.step % config.val_every == 0) or at_end:
                     history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
-            if self.step < config.steps:  # stopped by the time budget: keep what was reached
+            validated = bool(history) and history[-1]["step"] == self.step
+            if self.step < config.steps and not validated:  # stopped by the time budget: keep what was reached
                 history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
         finally:
             bar.close()
