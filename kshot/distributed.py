@@ -33,7 +33,7 @@ class ShardError(ValueError):
 
 @dataclass(frozen=True)
 class ProcessGroup:
-    """This process's place in a distributed run (rank 0 is the main process: it logs, validates and saves)."""
+    """This process's place in a distributed run (rank 0, the main process, logs, saves and writes results)."""
 
     rank: int
     world_size: int

@@ -132,7 +132,7 @@ class Trainer:
         """Train to `config.steps` outer steps (or the time budget); returns the validation history.
 
         Under torchrun, every process runs this: each step's batch is split between the processes and their
-        gradients averaged (`kshot.distributed`); only the main process logs, validates and saves."""
+        gradients averaged (`kshot.distributed`), validation episodes split too; the main process logs and saves."""
         group = distributed.join_process_group(self.device)
         try:
             return self._fit(train, val, resume, overwrite, group)
