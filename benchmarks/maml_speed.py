@@ -115,13 +115,22 @@ def measure(method: str, queries: int, device: str, repeats: int) -> dict[str, A
     """In this (fresh) process: peak memory and meta-gradient of the first meta-batch, then the median ms of
     `repeats` more meta-batches (forward, backward, Adam step)."""
     learner, batch = setup(queries, device)
-    run = step_fn(method, learner, batch)
+    return time_meta_batches(learner, step_fn(method, learner, batch), device, repeats)
+
+
+def time_meta_batches(learner: Any, run: Any, device: str, repeats: int, before_each: Any = None) -> dict[str, Any]:
+    """Peak memory and meta-gradient of a first `run()`, then the median ms of `repeats` more meta-batches
+    (zero_grad, `run()`, Adam step); `before_each` (e.g. a barrier) runs before every one of them."""
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    if before_each is not None:
+        before_each()
     peak = peak_during(run, device)
     grads = [p.grad.detach().cpu().clone() for p in learner.network_params().values()]
     optimizer.step()
     times = []
     for _ in range(repeats):
+        if before_each is not None:
+            before_each()
         sync(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -168,26 +177,13 @@ def distributed_worker(rank: int, processes: int, port: int, queries: int, devic
     learner.options.update(task_threads=1)
     part = distributed.shard(batch, rank, processes)
     trained = [p for p in learner.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=1e-3)
 
     def run() -> None:
         loss, _ = learner.loss(part)
         loss.backward()
         distributed.average_gradients(trained, [loss.item()])
 
-    dist.barrier()
-    peak = peak_during(run, device)
-    grads = [p.grad.detach().cpu().clone() for p in learner.network_params().values()]
-    optimizer.step()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        run()
-        optimizer.step()
-        times.append(1000 * (time.perf_counter() - start))
-    torch.save({"ms": sorted(times)[len(times) // 2], "peak_mb": peak, "grads": grads},
+    torch.save(time_meta_batches(learner, run, device, repeats, before_each=dist.barrier),
                Path(folder) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
