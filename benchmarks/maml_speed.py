@@ -2,6 +2,7 @@
 (28x28, meta-batch 32, one inner step, second order), kshot's functional loop against a learn2learn-style
 per-task clone/adapt loop (benchmarks/clone_adapt_baseline.py), with the meta-gradients compared. Each method
 runs in a fresh process: its first meta-batch gives the peak memory and the gradient, the next ones the time.
+Every meta-gradient is also compared with clone/adapt's in float64, which shows the scale of float32 rounding.
 
     python benchmarks/maml_speed.py                   # CPU, 2 threads, one timed meta-batch per method
     python benchmarks/maml_speed.py --repeats 3       # the figures in BENCHMARKS.md (median of 3)
@@ -17,6 +18,7 @@ the first meta-batch (sampled every 0.5 ms); on CUDA torch.cuda.max_memory_alloc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import socket
@@ -47,8 +49,9 @@ ONE_THREAD_KERNELS = ("kshot maml, task threads", DISTRIBUTED)  # compared with 
 BASELINE = "clone/adapt (learn2learn-style)"
 
 
-def setup(queries: int, device: str, seed: int = 0) -> tuple[Any, Any]:
-    """A Conv-4 MAML learner (5-way, alpha 0.4) and a meta-batch of 32 random 28x28 5-way 1-shot tasks."""
+def setup(queries: int, device: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """A Conv-4 MAML learner (5-way, alpha 0.4) and a meta-batch of 32 random 28x28 5-way 1-shot tasks, in
+    `dtype` (float64 gives the reference that shows float32's own rounding error)."""
     from kshot.data.dataset import ClassDataset
     from kshot.data.sampler import EpisodeSampler
     from kshot.learners import build_learner
@@ -57,8 +60,10 @@ def setup(queries: int, device: str, seed: int = 0) -> tuple[Any, Any]:
     images = torch.randint(0, 256, (40 * 20, 1, 28, 28), dtype=torch.uint8)
     dataset = ClassDataset(images, torch.arange(0, 40 * 20 + 1, 20), [f"c{i}" for i in range(40)])
     batch = EpisodeSampler(dataset, 5, 1, queries, seed=seed).sample_batch(32).to(device)
-    learner = build_learner("maml", (1, 28, 28), {"name": "conv4"}, {"ways": 5, "inner_lr": 0.4}).to(device)
+    learner = build_learner("maml", (1, 28, 28), {"name": "conv4"}, {"ways": 5, "inner_lr": 0.4})
+    learner = learner.to(device=device, dtype=dtype)
     learner.train()
+    batch = dataclasses.replace(batch, support_x=batch.support_x.to(dtype), query_x=batch.query_x.to(dtype))
     return learner, batch
 
 
@@ -111,10 +116,11 @@ def peak_during(run: Any, device: str) -> float:
     return max(peak[0], resident_mb()) - before
 
 
-def measure(method: str, queries: int, device: str, repeats: int) -> dict[str, Any]:
+def measure(method: str, queries: int, device: str, repeats: int, dtype: torch.dtype = torch.float32
+            ) -> dict[str, Any]:
     """In this (fresh) process: peak memory and meta-gradient of the first meta-batch, then the median ms of
     `repeats` more meta-batches (forward, backward, Adam step)."""
-    learner, batch = setup(queries, device)
+    learner, batch = setup(queries, device, dtype=dtype)
     return time_meta_batches(learner, step_fn(method, learner, batch), device, repeats)
 
 
@@ -138,7 +144,7 @@ def time_meta_batches(learner: Any, run: Any, device: str, repeats: int, before_
         optimizer.step()
         sync(device)
         times.append(1000 * (time.perf_counter() - start))
-    return {"ms": sorted(times)[len(times) // 2], "peak_mb": peak, "grads": grads}
+    return {"ms": sorted(times)[len(times) // 2] if times else float("nan"), "peak_mb": peak, "grads": grads}
 
 
 def max_difference(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
@@ -188,13 +194,13 @@ def distributed_worker(rank: int, processes: int, port: int, queries: int, devic
     dist.destroy_process_group()
 
 
-def measure_in_fresh_process(method: str, queries: int, device: str, threads: int, repeats: int
-                             ) -> dict[str, Any]:
+def measure_in_fresh_process(method: str, queries: int, device: str, threads: int, repeats: int,
+                             dtype: str = "float32") -> dict[str, Any]:
     """`measure` in a new Python process, so that memory figures do not depend on what ran before."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "measure.pt"
         command = [sys.executable, __file__, "--probe", method, "--probe-out", str(out), "--queries", str(queries),
-                   "--device", device, "--threads", str(threads), "--repeats", str(repeats)]
+                   "--device", device, "--threads", str(threads), "--repeats", str(repeats), "--probe-dtype", dtype]
         subprocess.run(command, check=True, cwd=HERE)
         return torch.load(out)
 
@@ -208,13 +214,15 @@ def resident_mb() -> float:
 def section(rows: list[dict]) -> str:
     """Markdown table of the timings, memory, meta-gradient differences and ratios against clone/adapt."""
     lines = ["| method | queries a class | ms / meta-batch | speed-up vs clone/adapt | peak memory MB | "
-             "meta-gradient difference | device | torch |", "|---|---|---|---|---|---|---|---|"]
+             "meta-gradient difference | distance to the float64 meta-gradient | device | torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         difference = f"{r['max_grad_difference']:.1e}"
         if r.get("max_grad_difference_one_thread") is not None:
             difference += f" ({r['max_grad_difference_one_thread']:.1e} to clone/adapt on 1 thread)"
+        exact = f"{r['float64_difference']:.1e}" if r.get("float64_difference") is not None else "not measured"
         lines.append(f"| {r['method']} | {r['queries']} | {r['ms']:.0f} | {r['speedup']:.2f}x | "
-                     f"{r['peak_mb']:.0f} | {difference} | {r['device']} | {r['torch']} |")
+                     f"{r['peak_mb']:.0f} | {difference} | {exact} | {r['device']} | {r['torch']} |")
     first = rows[0]
     identical = {}  # queries -> best speed-up at identical numerics
     for r in rows:
@@ -242,7 +250,11 @@ def section(rows: list[dict]) -> str:
               "up to a third between identical runs.", "",
               f"Median of {first['repeats']} meta-batches after a warm-up (forward, backward, Adam step). "
               f"{first['memory_note']} Meta-gradient difference: the largest absolute difference to clone/adapt's "
-              "on the first meta-batch (first order differs by design). "
+              "on the first meta-batch (first order differs by design). Distance to the float64 meta-gradient: "
+              "the same largest absolute difference to clone/adapt computed in float64 (one thread), i.e. each "
+              "method's own rounding error; float32 clone/adapt's is the scale of what float32 can promise here "
+              "(the meta-gradient of second-order MAML at alpha 0.4 amplifies rounding), so an exact method shows "
+              "the same figure and first order a much larger one. "
               "Strategy: on CPU a plain functional loop over tasks (`strategy: auto` picks `loop` for "
               "networks with convolutions or batch norm; vmap over tasks turns per-task convolutions into grouped "
               "convolutions, measured 0.5x with 15 queries on CPU in issue 3); `vmap` is picked for fully "
@@ -261,6 +273,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 15])
     parser.add_argument("--probe", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-dtype", default="float32", choices=["float32", "float64"], help=argparse.SUPPRESS)
     parser.add_argument("--no-report", action="store_true")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     args = parser.parse_args()
@@ -268,7 +281,8 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     if args.probe:
         found = measure_distributed(args.queries[0], args.device, args.repeats, args.threads) \
-            if args.probe == DISTRIBUTED else measure(args.probe, args.queries[0], args.device, args.repeats)
+            if args.probe == DISTRIBUTED else measure(args.probe, args.queries[0], args.device, args.repeats,
+                                                      getattr(torch, args.probe_dtype))
         torch.save(found, args.probe_out)
         return
     from kshot.pipeline import current_commit, device_name
@@ -281,11 +295,13 @@ def main() -> None:
         one_thread = None  # clone/adapt's meta-gradient with one thread per kernel
         if args.device == "cpu" and args.threads > 1 and any(m in ONE_THREAD_KERNELS for m in methods):
             one_thread = measure_in_fresh_process(BASELINE, queries, args.device, 1, 1)["grads"]
+        exact = measure_in_fresh_process(BASELINE, queries, args.device, 1, 0, dtype="float64")["grads"]
         for method, found in measured.items():
             difference = max_difference(found["grads"], measured[BASELINE]["grads"])
             row = {"method": method, "queries": queries, "ms": round(found["ms"], 1),
                    "speedup": round(measured[BASELINE]["ms"] / found["ms"], 3), "peak_mb": round(found["peak_mb"], 1),
                    "max_grad_difference": difference,
+                   "float64_difference": max_difference(found["grads"], exact),
                    "max_grad_difference_one_thread": max_difference(found["grads"], one_thread)
                    if one_thread is not None and method in ONE_THREAD_KERNELS else None,
                    "baseline_thread_noise": max_difference(measured[BASELINE]["grads"], one_thread)
@@ -302,7 +318,8 @@ def main() -> None:
             print(f"{queries:2d} queries  {method:36s} {row['ms']:8.0f} ms  {row['speedup']:.2f}x  "
                   f"{row['peak_mb']:.0f} MB  (max gradient difference to the baseline {difference:.1e}"
                   + (f", {row['max_grad_difference_one_thread']:.1e} to it on one thread"
-                     if row["max_grad_difference_one_thread"] is not None else "") + ")", flush=True)
+                     if row["max_grad_difference_one_thread"] is not None else "")
+                  + f"; {row['float64_difference']:.1e} to float64)", flush=True)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     suffix = "" if args.device == "cpu" else "-" + args.device.replace(":", "")
