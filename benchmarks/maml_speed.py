@@ -5,7 +5,7 @@ runs in a fresh process: its first meta-batch gives the peak memory and the grad
 Every meta-gradient is also compared with clone/adapt's in float64, which shows the scale of float32 rounding.
 
     python benchmarks/maml_speed.py                   # CPU, 2 threads, one timed meta-batch per method
-    python benchmarks/maml_speed.py --repeats 3       # the figures in BENCHMARKS.md (median of 3)
+    python benchmarks/maml_speed.py --repeats 3 --rounds 3   # the figures in BENCHMARKS.md
     python benchmarks/maml_speed.py --device cuda
 
 The row "one process per thread" is the distributed trainer's step (kshot/distributed.py): --threads
@@ -205,6 +205,18 @@ def measure_in_fresh_process(method: str, queries: int, device: str, threads: in
         return torch.load(out)
 
 
+def measure_in_rounds(probes: list[tuple[str, int]], queries: int, device: str, repeats: int, rounds: int
+                      ) -> dict[tuple[str, int], dict[str, Any]]:
+    """Each (method, threads) probe measured `rounds` times, the probes taking turns in every round, so that a
+    machine that slows down or speeds up mid-run affects every method alike: per probe, the median of the rounds'
+    times, with the memory and meta-gradient of its first round."""
+    found: dict[tuple[str, int], list[dict[str, Any]]] = {probe: [] for probe in probes}
+    for _ in range(rounds):
+        for method, threads in probes:
+            found[(method, threads)].append(measure_in_fresh_process(method, queries, device, threads, repeats))
+    return {probe: {**runs[0], "ms": sorted(r["ms"] for r in runs)[len(runs) // 2]} for probe, runs in found.items()}
+
+
 def resident_mb() -> float:
     """The resident set size of this process in MB (Linux)."""
     with open("/proc/self/statm") as statm:
@@ -246,9 +258,11 @@ def section(rows: list[dict]) -> str:
               "(`kshot/learners/task_threads.py`); `one process per thread` is the distributed trainer's step "
               "(`kshot/distributed.py`, Gloo): each process takes its share of the meta-batch and one "
               "all_reduce averages the gradients, as `torchrun --nproc-per-node N` training does. The baseline "
-              "relies on intra-op threads inside each small kernel. Timings on this shared 2-core machine vary by "
-              "up to a third between identical runs.", "",
-              f"Median of {first['repeats']} meta-batches after a warm-up (forward, backward, Adam step). "
+              "relies on intra-op threads inside each small kernel." + ceiling_text(rows) + " Timings on this "
+              "shared 2-core machine vary by up to a third between identical runs.", "",
+              f"Median of {first['repeats']} meta-batches after a warm-up (forward, backward, Adam step)"
+              + (f", median of {first['rounds']} rounds in which the methods take turns, each in a fresh process. "
+                 if first.get("rounds", 1) > 1 else ". ") +
               f"{first['memory_note']} Meta-gradient difference: the largest absolute difference to clone/adapt's "
               "on the first meta-batch (first order differs by design). Distance to the float64 meta-gradient: "
               "the same largest absolute difference to clone/adapt computed in float64 (one thread), i.e. each "
@@ -265,11 +279,32 @@ def section(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ceiling_text(rows: list[dict]) -> str:
+    """What splitting the tasks over the cores can give at best: N cores each running one-thread kernels take
+    at least T1 / N, so the speed-up over clone/adapt on N threads is at most N * T_N / T1."""
+    bounds = []
+    for r in rows:
+        if r["method"] == BASELINE and r.get("baseline_one_thread_ms"):
+            ceiling = r["threads"] * r["ms"] / r["baseline_one_thread_ms"]
+            bounds.append(f"{ceiling:.2f}x with {r['queries']} {'query' if r['queries'] == 1 else 'queries'} a "
+                          f"class (clone/adapt: {r['baseline_one_thread_ms']:.0f} ms on 1 thread, {r['ms']:.0f} ms "
+                          f"on {r['threads']})")
+    if not bounds:
+        return ""
+    return (" Ceiling of any task split with the same kernels: the tasks spread over N cores, each core running "
+            "one-thread kernels, take at least a one-thread meta-batch's time over N, so the speed-up against "
+            "clone/adapt on N threads is at most N x T_N / T_1: " + "; ".join(bounds) + ". Going past that needs "
+            "faster kernels than clone/adapt's, not a better task loop; the ones tried were slower "
+            "(`benchmarks/maml_profile.py`: channels-last, `torch.compile`; vmap's grouped convolutions).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="timed meta-batches per method (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes per method, methods taking turns; the median round is reported")
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 15])
     parser.add_argument("--probe", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
@@ -290,11 +325,12 @@ def main() -> None:
     rows = []
     methods = [BASELINE] + [m for m in args.methods if m != BASELINE]  # the baseline is always measured
     for queries in args.queries:
-        measured = {m: measure_in_fresh_process(m, queries, args.device, args.threads, args.repeats)
-                    for m in methods}
-        one_thread = None  # clone/adapt's meta-gradient with one thread per kernel
-        if args.device == "cpu" and args.threads > 1 and any(m in ONE_THREAD_KERNELS for m in methods):
-            one_thread = measure_in_fresh_process(BASELINE, queries, args.device, 1, 1)["grads"]
+        probes = [(m, args.threads) for m in methods]
+        if args.device == "cpu" and args.threads > 1:  # clone/adapt with one thread per kernel
+            probes.append((BASELINE, 1))
+        found_by_probe = measure_in_rounds(probes, queries, args.device, args.repeats, args.rounds)
+        measured = {m: found_by_probe[(m, args.threads)] for m in methods}
+        one_thread = found_by_probe.get((BASELINE, 1))
         exact = measure_in_fresh_process(BASELINE, queries, args.device, 1, 0, dtype="float64")["grads"]
         for method, found in measured.items():
             difference = max_difference(found["grads"], measured[BASELINE]["grads"])
@@ -302,18 +338,21 @@ def main() -> None:
                    "speedup": round(measured[BASELINE]["ms"] / found["ms"], 3), "peak_mb": round(found["peak_mb"], 1),
                    "max_grad_difference": difference,
                    "float64_difference": max_difference(found["grads"], exact),
-                   "max_grad_difference_one_thread": max_difference(found["grads"], one_thread)
+                   "max_grad_difference_one_thread": max_difference(found["grads"], one_thread["grads"])
                    if one_thread is not None and method in ONE_THREAD_KERNELS else None,
-                   "baseline_thread_noise": max_difference(measured[BASELINE]["grads"], one_thread)
+                   "baseline_thread_noise": max_difference(measured[BASELINE]["grads"], one_thread["grads"])
                    if one_thread is not None else None,
-                   "threads": args.threads, "repeats": args.repeats, "device": device_name(args.device),
+                   "baseline_one_thread_ms": round(one_thread["ms"], 1) if one_thread is not None else None,
+                   "threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
+                   "device": device_name(args.device),
                    "torch": torch.__version__.split("+")[0], "commit": current_commit(),
                    "date": time.strftime("%Y-%m-%d"),
                    "memory_note": "Peak memory: torch.cuda.max_memory_allocated over the first meta-batch."
                    if args.device.startswith("cuda") else "Peak memory: growth of the resident set during "
                    "the first meta-batch in a fresh process (sampled every 0.5 ms).",
                    "command": f"python benchmarks/maml_speed.py --device {args.device} --threads {args.threads} "
-                              f"--repeats {args.repeats} --queries {' '.join(map(str, args.queries))}"}
+                              f"--repeats {args.repeats} --rounds {args.rounds} "
+                              f"--queries {' '.join(map(str, args.queries))}"}
             rows.append(row)
             print(f"{queries:2d} queries  {method:36s} {row['ms']:8.0f} ms  {row['speedup']:.2f}x  "
                   f"{row['peak_mb']:.0f} MB  (max gradient difference to the baseline {difference:.1e}"
