@@ -40,12 +40,12 @@ def test_settings_table_one_line_per_learner_by_device_and_setting():
     assert report.settings_table(rows, ("reptile",), "cpu") == ""
 
 
-def test_maml_speed_ceiling_is_cores_times_threaded_over_one_thread_time():
+def test_maml_speed_states_the_baselines_own_thread_gain():
     import maml_speed
 
     rows = [{"method": maml_speed.BASELINE, "queries": 1, "ms": 1200.0, "threads": 2, "baseline_one_thread_ms": 1600.0},
             {"method": maml_speed.DISTRIBUTED, "queries": 1, "ms": 800.0, "threads": 2},
             {"method": maml_speed.BASELINE, "queries": 15, "ms": 4000.0, "threads": 2}]  # no one-thread time
     text = maml_speed.ceiling_text(rows)
-    assert "1.50x with 1 query a class" in text and "15 queries" not in text
+    assert "1.33x with 1 query a class" in text and "15 queries" not in text
     assert maml_speed.ceiling_text(rows[1:]) == ""
