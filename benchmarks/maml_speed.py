@@ -258,7 +258,7 @@ def section(rows: list[dict]) -> str:
               "(`kshot/learners/task_threads.py`); `one process per thread` is the distributed trainer's step "
               "(`kshot/distributed.py`, Gloo): each process takes its share of the meta-batch and one "
               "all_reduce averages the gradients, as `torchrun --nproc-per-node N` training does. The baseline "
-              "relies on intra-op threads inside each small kernel." + ceiling_text(rows) + " Timings on this "
+              "relies on intra-op threads inside each small kernel." + thread_gain_text(rows) + " Timings on this "
               "shared 2-core machine vary by up to a third between identical runs.", "",
               f"Median of {first['repeats']} meta-batches after a warm-up (forward, backward, Adam step)"
               + (f", median of {first['rounds']} rounds in which the methods take turns, each in a fresh process. "
@@ -279,9 +279,9 @@ def section(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def ceiling_text(rows: list[dict]) -> str:
-    """How much clone/adapt itself gains from its intra-op threads (T_1 / T_N): the share of the cores it already
-    uses, which bounds what any split of the tasks over the cores can add with the same kernels."""
+def thread_gain_text(rows: list[dict]) -> str:
+    """How much clone/adapt itself gains from its intra-op threads (T_1 / T_N): how much of the cores it already
+    uses, which is what a split of the tasks over the cores with the same kernels competes against."""
     gains = []
     for r in rows:
         if r["method"] == BASELINE and r.get("baseline_one_thread_ms"):

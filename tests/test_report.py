@@ -46,6 +46,6 @@ def test_maml_speed_states_the_baselines_own_thread_gain():
     rows = [{"method": maml_speed.BASELINE, "queries": 1, "ms": 1200.0, "threads": 2, "baseline_one_thread_ms": 1600.0},
             {"method": maml_speed.DISTRIBUTED, "queries": 1, "ms": 800.0, "threads": 2},
             {"method": maml_speed.BASELINE, "queries": 15, "ms": 4000.0, "threads": 2}]  # no one-thread time
-    text = maml_speed.ceiling_text(rows)
+    text = maml_speed.thread_gain_text(rows)
     assert "1.33x with 1 query a class" in text and "15 queries" not in text
-    assert maml_speed.ceiling_text(rows[1:]) == ""
+    assert maml_speed.thread_gain_text(rows[1:]) == ""
