@@ -60,6 +60,12 @@ class Learner(nn.Module, ABC):
     name: ClassVar[str]
     """Registry name, used by recipes and the CLI."""
 
+    outer_optimizer: ClassVar[dict[str, Any]] = {"optimizer": "adam"}
+    """The outer optimiser used when the training settings leave `optimizer` / `momentum` unset."""
+
+    required_outer_optimizer: ClassVar[dict[str, Any]] = {}
+    """Outer optimiser settings this learner cannot train without (a different choice is a config error)."""
+
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__()
         self.backbone = backbone

@@ -30,6 +30,8 @@ class Reptile(FunctionalLearner):
     """
 
     name = "reptile"
+    outer_optimizer: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "momentum": 0.0}
+    required_outer_optimizer: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "momentum": 0.0}
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "ways": 5, "task": "classification", "inner_steps": 5, "inner_lr": 0.001, "inner_optimizer": "adam",
         "test_inner_steps": 50, "test_inner_lr": None,

@@ -7,7 +7,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ from kshot import distributed
 from kshot.data.dataset import ClassDataset
 from kshot.data.sampler import EpisodeSet
 from kshot.episode import Episode
+from kshot.config import TrainConfig
 from kshot.evaluation import EvaluationResult, evaluate
 from kshot.learners import EpisodeShape, Learner
+from kshot.training.optim import build_optimizer, build_scheduler
 from kshot.training.checkpoint import load_learner_weights, load_trainer_state, read_info, save_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -28,44 +30,6 @@ CHECKPOINTS = "checkpoints"
 
 class RunExistsError(FileExistsError):
     """Training into a folder that already holds a run, without asking to resume or overwrite it."""
-
-
-@dataclass
-class TrainConfig:
-    """How to train: task shape, optimiser, schedule, validation and budget."""
-
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    meta_batch: int = 1
-    steps: int = 1000
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    lr_schedule: str = "step"
-    lr_decay_every: int | None = None
-    lr_decay: float = 0.5
-    lr_final: float = 0.0
-    grad_clip: float | None = None
-    val_every: int = 500
-    val_ways: int = 5
-    val_shots: int | None = None
-    val_queries: int = 15
-    val_episodes: int = 200
-    val_bn_mode: str = "inference"
-    seed: int = 0
-    log_every: int = 10
-    time_budget_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known ones are {sorted(known)}")
-        return cls(**values)
 
 
 def move(batch: Any, device: torch.device) -> Any:
@@ -77,32 +41,6 @@ def move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {key: move(value, device) for key, value in batch.items()}
     return batch
-
-
-def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
-    params = [p for p in parameters if p.requires_grad]
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or sgd")
-
-
-LR_SCHEDULES = ("step", "linear")
-
-
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule: lr_schedule "step" multiplies the rate by lr_decay every lr_decay_every steps
-    (never, if unset); "linear" anneals it from lr to lr_final over `steps` (Reptile's outer step size)."""
-    if config.lr_schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every or 10**12, config.lr_decay)
-    if config.lr_schedule == "linear":
-        if config.lr <= 0:
-            raise ValueError(f"lr_schedule linear needs a positive lr, got {config.lr}")
-        final = config.lr_final / config.lr
-        steps = max(config.steps, 1)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 + (final - 1) * min(step, steps) / steps)
-    raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
 
 class Trainer:
@@ -158,7 +96,7 @@ class Trainer:
         self.learner.to(self.device)
         stream = self.learner.training_stream(train, EpisodeShape(config.ways, config.shots, config.queries,
                                                                   config.meta_batch), seed=config.seed)
-        optimizer = build_optimizer(config, self.learner.outer_parameters())
+        optimizer = build_optimizer(config, self.learner)
         scheduler = build_scheduler(config, optimizer)
         val_set = None
         if val is not None and config.val_every > 0:

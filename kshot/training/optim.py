@@ -1,0 +1,44 @@
+"""The outer (meta) optimiser and its learning-rate schedule, built from the training settings and from what
+the learner says it needs (`Learner.outer_optimizer`: Reptile's update is plain SGD on its surrogate loss)."""
+
+from __future__ import annotations
+
+import torch
+
+from kshot.config import ConfigError, TrainConfig
+from kshot.learners.base import Learner
+
+
+def optimizer_settings(config: TrainConfig, learner: type[Learner] | Learner) -> tuple[str, float]:
+    """The optimiser name and momentum to use: the config's where set, else the learner's declared choice;
+    a choice the learner cannot train with is a `ConfigError`."""
+    declared = dict(learner.outer_optimizer)
+    name = config.optimizer or declared.get("optimizer", "adam")
+    momentum = config.momentum if config.momentum is not None else declared.get("momentum", 0.9)
+    required = dict(getattr(learner, "required_outer_optimizer", {}) or {})
+    if "optimizer" in required and name != required["optimizer"]:
+        raise ConfigError(f"train.optimizer: {learner.name} needs {required['optimizer']!r} (got {name!r}); "
+                          f"leave train.optimizer unset to use it")
+    if "momentum" in required and name == "sgd" and momentum != required["momentum"]:
+        raise ConfigError(f"train.momentum: {learner.name} needs momentum {required['momentum']} (got "
+                          f"{momentum}); leave train.momentum unset")
+    return name, float(momentum)
+
+
+def build_optimizer(config: TrainConfig, learner: Learner) -> torch.optim.Optimizer:
+    """The outer optimiser over the learner's `outer_parameters` that require gradients."""
+    name, momentum = optimizer_settings(config, learner)
+    params = [p for p in learner.outer_parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule: lr_schedule "step" multiplies the rate by lr_decay every lr_decay_every steps
+    (never, if unset); "linear" anneals it from lr to lr_final over `steps` (Reptile's outer step size)."""
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every or 10**12, config.lr_decay)
+    final = config.lr_final / config.lr
+    steps = max(config.steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 + (final - 1) * min(step, steps) / steps)
