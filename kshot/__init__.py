@@ -6,11 +6,12 @@ Episodic data (`kshot.data`), learners behind one interface (`kshot.learners`), 
 
 from kshot import data, learners
 from kshot.api import AdaptedClassifier, FewShotModel
+from kshot.config import ConfigError, TrainConfig
 from kshot.episode import Episode
 from kshot.evaluation import EvaluationResult, evaluate, mean_ci95
 from kshot.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedClassifier", "Episode", "EvaluationResult", "FewShotModel", "Recipe", "data", "evaluate",
-           "learners", "load_recipe", "mean_ci95"]
+__all__ = ["AdaptedClassifier", "ConfigError", "Episode", "EvaluationResult", "FewShotModel", "Recipe", "data", "evaluate",
+           "learners", "load_recipe", "mean_ci95", "TrainConfig"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import torch
 
+from kshot import __version__
 from kshot.recipe import RecipeError, load_recipe, recipe_names
 
 
@@ -23,9 +24,10 @@ def _device(device: str | None) -> str:
 
 
 def _overrides(sets: tuple[str, ...], data: str | None, data_root: str | None, archives: str | None) -> list[str]:
-    overrides = list(sets)
-    if data:
-        overrides += ["dataset.name=folder", f"dataset.path={json.dumps(str(Path(data).resolve()))}"]
+    overrides = []
+    if data:  # your own folder replaces the recipe's whole dataset section; --set dataset.* refines it
+        overrides.append(f"dataset={{name: folder, path: {json.dumps(str(Path(data).resolve()))}}}")
+    overrides += list(sets)
     if data_root:
         overrides.append(f"dataset.root={json.dumps(data_root)}")
     if archives:
@@ -52,6 +54,7 @@ def with_data_options(function):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="kshot", message="%(prog)s %(version)s")
 def cli() -> None:
     """kshot: few-shot learning and meta-learning on PyTorch."""
 
@@ -77,15 +80,22 @@ def train(recipe: str, out: str | None, resume: bool, overwrite: bool, no_eval: 
     """Meta-train RECIPE (a shipped recipe name or a YAML file), then evaluate it on its test split.
     Under torchrun, every process trains and evaluates its share; the first one prints and writes."""
     from kshot.distributed import is_main_process, process_group
-    from kshot.pipeline import evaluate_recipe, result_rows, train_recipe, write_results
+    from kshot.pipeline import evaluate_recipe, prepare_recipe_data, result_rows, train_recipe, write_results
 
-    chosen = load_recipe(recipe, _overrides(sets, data, data_root, archives))
+    from kshot.recipe import overridden_keys
+
+    overrides = _overrides(sets, data, data_root, archives)
+    chosen = load_recipe(recipe, overrides)
     device = _device(device)
     run_dir = Path(out or Path("runs") / chosen.name)
     with process_group(device):
         say = click.echo if is_main_process() else (lambda message: None)
+        # Everything is checked against the data before the run folder is touched.
+        chosen, prepared = prepare_recipe_data(chosen, overridden_keys(overrides), with_test=not no_eval)
+        for note in prepared.notes:
+            say(f"note: {note}")
         say(f"training {chosen.learner} ({chosen.name}) on {device} into {run_dir}")
-        run = train_recipe(chosen, run_dir, device=device, resume=resume, overwrite=overwrite)
+        run = train_recipe(chosen, run_dir, device=device, resume=resume, overwrite=overwrite, data=prepared)
         say(f"trained {run.steps} steps in {run.train_seconds:.0f} s; best checkpoint: {run_dir}/checkpoints/best")
         if no_eval or not chosen.evaluate:
             return
@@ -107,11 +117,13 @@ def train(recipe: str, out: str | None, resume: bool, overwrite: bool, no_eval: 
 @click.option("--episodes", type=int, default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", default=None, help="Dataset split to test on (default: the run's test split).")
-@click.option("--bn-mode", type=click.Choice(["inference", "transductive"]), default="inference", show_default=True)
+@click.option("--bn-mode", type=click.Choice(["inference", "transductive"]), default=None,
+              help="Batch norm at test time (default: the mode the run was trained and validated with).")
 @with_data_options
 def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episodes: int, seed: int,
-                     split: str | None, bn_mode: str, sets, data, data_root, archives, device) -> None:
-    """Evaluate a run folder or checkpoint on fixed, seeded test episodes; print accuracy +- 95% CI."""
+                     split: str | None, bn_mode: str | None, sets, data, data_root, archives, device) -> None:
+    """Evaluate a run folder or checkpoint on fixed, seeded test episodes; print accuracy +- 95% CI.
+    Images are decoded with the model's own input contract; training-time rotations are never applied."""
     from kshot.api import FewShotModel
     from kshot.data.registry import load_dataset
     from kshot.distributed import is_main_process, process_group
@@ -124,9 +136,11 @@ def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episo
     info = read_info(folder / "checkpoints" / "best" if (folder / "checkpoints" / "best").is_dir() else folder)
     if "recipe" not in info and not data:
         raise click.UsageError("this checkpoint does not say which data it was trained on; pass --data FOLDER")
-    saved = info.get("recipe") or {"learner": info["model"]["learner"], "dataset": {"name": "folder"}}
+    saved = info.get("recipe") or {"learner": info["model"]["learner"], "dataset": {"name": "folder", "path": "."}}
     recipe = Recipe.from_dict(apply_overrides(saved, _overrides(sets, data, data_root, archives)))
-    dataset = load_dataset(recipe.dataset, split or recipe.splits.get("test", "test"))
+    dataset = load_dataset(recipe.dataset, split or recipe.splits.get("test") or "test",
+                           contract=model.input_contract)
+    model.check_dataset(dataset)
     with process_group(device):  # under torchrun, each process scores its share of the episodes
         result = model.evaluate(dataset.to(device) if device != "cpu" else dataset, ways=ways, shots=shots,
                                 queries=queries, episodes=episodes, seed=seed, bn_mode=bn_mode,
@@ -141,26 +155,21 @@ def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episo
               help="Folder with one sub-folder of example images per class.")
 @click.option("--query", "queries", type=click.Path(exists=True), required=True, multiple=True,
               help="Image file or folder of images to classify (repeatable).")
-@click.option("--invert", is_flag=True,
-              help="Invert the images (dark strokes on light paper, like raw Omniglot PNGs, for a model trained "
-                   "on kshot's light-on-dark Omniglot).")
 @click.option("--device", default="auto", show_default=True)
-def predict(checkpoint: str, support: str, queries: tuple[str, ...], invert: bool, device: str) -> None:
-    """Adapt a trained model to the classes in --support and classify the --query images."""
+def predict(checkpoint: str, support: str, queries: tuple[str, ...], device: str) -> None:
+    """Adapt a trained model to the classes in --support and classify the --query images. Files are decoded
+    with the model's own input contract (size, channels, resize filter, polarity), as at training."""
     from kshot.api import FewShotModel
-    from kshot.data.folder import image_files, image_folder, load_images
+    from kshot.data.folder import image_files
 
     model = FewShotModel.load(checkpoint, device=_device(device))
-    channels, size = model.learner.image_shape[0], model.learner.image_shape[-1]
-    support_set = image_folder(support, image_size=size, channels=channels, invert=invert)
-    images, labels = support_set.all_images()
-    names = support_set.class_names()
-    classifier = model.adapt(images, [names[i] for i in labels.tolist()])
+    classifier = model.adapt(support)
     files: list[Path] = []
     for query in map(Path, queries):
         files.extend(image_files(query) if query.is_dir() else [query])
-    predictions = classifier.predict(load_images(files, size, channels, invert=invert))
-    for file, label in zip(files, predictions):
+    if not files:
+        raise click.UsageError(f"no image files in {', '.join(queries)}")
+    for file, label in zip(files, classifier.predict(files)):
         click.echo(f"{file}\t{label}")
 
 
@@ -188,26 +197,47 @@ def download(dataset: str, data_root: str | None, archives: str | None, image_si
     click.echo(f"ready: {data}")
 
 
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, ValueError,
+                                                 NotADirectoryError, PermissionError)
+"""Mistakes a user can fix (bad settings, files, data, folders): one line and exit code 2."""
+
+
 def main() -> None:
-    """Entry point: turn kshot's own errors into one clear line instead of a traceback."""
+    """Entry point: turn every error into one clear line instead of a traceback (KSHOT_DEBUG=1 shows it)."""
+    import os
+
     from kshot.data.download import DownloadError
     from kshot.data.omniglot import OmniglotError
-    from kshot.data.sampler import EpisodeRequestError
     from kshot.training.checkpoint import CheckpointError
-    from kshot.training.trainer import RunExistsError
 
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except (RecipeError, EpisodeRequestError, DownloadError, OmniglotError, CheckpointError, RunExistsError,
-            FileNotFoundError, FileExistsError, ValueError) as error:
-        click.echo(f"error: {error}", err=True)
+    except click.UsageError as error:
+        command = error.ctx.command_path if error.ctx is not None else "kshot"
+        message = " ".join(error.format_message().split())
+        click.echo(f"error: {message} (`{command} --help` lists the options)", err=True)
         sys.exit(2)
+    except click.ClickException as error:
+        click.echo(f"error: {' '.join(error.format_message().split())}", err=True)
+        sys.exit(error.exit_code if error.exit_code != 1 else 2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as error:
+        if os.environ.get("KSHOT_DEBUG"):
+            raise
+        user_error = isinstance(error, USER_ERRORS + (DownloadError, OmniglotError, CheckpointError,
+                                                      FloatingPointError, RecipeError))
+        message = " ".join(str(error).split()) or type(error).__name__
+        if user_error:
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
+        click.echo(f"error: {type(error).__name__}: {message} (an unexpected failure inside kshot; rerun with "
+                   f"KSHOT_DEBUG=1 for the traceback and report it)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -62,21 +62,20 @@ def field_names(schema: type) -> list[str]:
 def unknown_key_message(where: str, key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{where}.{key}: unknown setting; {hint}known settings are {', '.join(sorted(known))}"
+    return f"{where + '.' if where else ''}{key}: unknown setting; {hint}known settings are {', '.join(sorted(known))}"
 
 
 def validation_message(error: ValidationError, where: str) -> str:
     """The first problem of a pydantic error as one line: `where.key: what is wrong (got VALUE)`."""
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"] if not isinstance(part, int) or True)
     # pydantic names union members in the location (e.g. "int", "none"); drop those type tags.
     parts = [str(p) for p in first["loc"] if str(p) not in _TYPE_TAGS and not str(p).startswith("function-")]
-    location = ".".join(parts)
+    location = ".".join([where] * bool(where) + parts)
     message = first["msg"]
     message = message[0].lower() + message[1:] if message else "invalid value"
     got = first.get("input")
-    shown = f" (got {got!r})" if not isinstance(got, (dict, Mapping)) else ""
-    return f"{where}{'.' + location if location else ''}: {message}{shown}"
+    shown = f" (got {got!r})" if not isinstance(got, Mapping) else ""
+    return f"{location}: {message}{shown}"
 
 
 _TYPE_TAGS = {"int", "float", "str", "bool", "none", "list[int]", "tuple[int, ...]", "dict[str,any]",

@@ -1,12 +1,14 @@
 """Episodic data: class-indexed datasets, episode sampling, fixed evaluation episodes, dataset loaders."""
 
+from kshot.data.contract import InputContract, InputError, omniglot_contract
 from kshot.data.dataset import ROTATIONS, ClassDataset, to_float
-from kshot.data.folder import image_folder
+from kshot.data.folder import image_folder, load_images
 from kshot.data.omniglot import load_omniglot, omniglot, vinyals_split
 from kshot.data.registry import load_dataset
 from kshot.data.sampler import EpisodeRequestError, EpisodeSampler, EpisodeSet
 
 __all__ = [
-    "ROTATIONS", "ClassDataset", "EpisodeRequestError", "EpisodeSampler", "EpisodeSet", "image_folder",
+    "ROTATIONS", "ClassDataset", "EpisodeRequestError", "EpisodeSampler", "EpisodeSet", "InputContract",
+    "InputError", "image_folder", "load_images", "omniglot_contract",
     "load_dataset", "load_omniglot", "omniglot", "to_float", "vinyals_split",
 ]

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kshot.data.contract import InputContract
+
 ROTATIONS = (0, 90, 180, 270)
 
 
@@ -30,6 +32,7 @@ class ClassDataset:
         base_names: Sequence[str],
         rotations: Sequence[int] = (0,),
         name: str = "dataset",
+        contract: InputContract | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 tensor [count, channels, height, width], got "
@@ -49,6 +52,11 @@ class ClassDataset:
         self.base_names = list(base_names)
         self.rotations = tuple(int(r) % 360 for r in rotations)
         self.name = name
+        self.contract = contract
+        """How this dataset's files were decoded (None for tensors given directly); models record it."""
+        if contract is not None and tuple(images.shape[1:]) != contract.image_shape:
+            raise ValueError(f"images of shape {tuple(images.shape[1:])} do not match their input contract "
+                             f"({contract.describe()})")
         # Index tables as NumPy arrays: sampling reads them for every episode, and NumPy ops on tiny arrays cost
         # a fraction of torch's per-op overhead.
         self._offsets_np = self.offsets.numpy()
@@ -102,11 +110,12 @@ class ClassDataset:
     # ---------------------------------------------------------------------------------------- transforms
     def to(self, device: torch.device | str) -> ClassDataset:
         """The same dataset with its images on `device`, so that episodes are gathered there."""
-        return ClassDataset(self.images.to(device), self.offsets, self.base_names, self.rotations, self.name)
+        return ClassDataset(self.images.to(device), self.offsets, self.base_names, self.rotations, self.name,
+                            self.contract)
 
     def with_rotations(self, rotations: Sequence[int] = ROTATIONS) -> ClassDataset:
         """Class augmentation: each rotation of each base class becomes a class of its own."""
-        return ClassDataset(self.images, self.offsets, self.base_names, rotations, self.name)
+        return ClassDataset(self.images, self.offsets, self.base_names, rotations, self.name, self.contract)
 
     def subset(self, base_classes: Sequence[int] | Tensor, name: str | None = None) -> ClassDataset:
         """A dataset of some base classes only (ids renumbered 0..len-1 in the order given)."""
@@ -116,7 +125,11 @@ class ClassDataset:
             if len(ids) else torch.zeros(0, dtype=torch.long)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), (ends - starts).cumsum(0)])
         return ClassDataset(self.images[index.to(self.device)], offsets, [self.base_names[i] for i in ids.tolist()],
-                            self.rotations, name or self.name)
+                            self.rotations, name or self.name, self.contract)
+
+    def to_model(self, images: Tensor) -> Tensor:
+        """uint8 images of this dataset as the network's float input (its contract's scale and normalisation)."""
+        return self.contract.to_model(images) if self.contract is not None else to_float(images)
 
     # ---------------------------------------------------------------------------------------- gathering
     def images_at(self, classes: np.ndarray, positions: np.ndarray) -> Tensor:

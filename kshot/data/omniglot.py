@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from kshot.data.contract import omniglot_contract
 from kshot.data.dataset import ROTATIONS, ClassDataset
 from kshot.data.download import atomic_path, download
 from kshot.data.paths import data_root
+from kshot.progress import progress_bar
 
 BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 ARCHIVES = {
@@ -95,12 +95,9 @@ def _find_archive(name: str, raw_dir: Path, archives: Path | None, download_miss
 
 
 def _decode(data: bytes, image_size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        grey = image.convert("L")
-        if grey.size != (image_size, image_size):
-            grey = grey.resize((image_size, image_size), Image.Resampling.LANCZOS)
-        # Omniglot strokes are black on white; store them bright on dark, as the reference code does.
-        return 255 - np.asarray(grey, dtype=np.uint8)
+    """One archive PNG as kshot's Omniglot contract says: grey, LANCZOS, strokes inverted to light on dark (as
+    the reference code stores them)."""
+    return omniglot_contract(image_size).decode(io.BytesIO(data))
 
 
 def convert_archives(paths: dict[str, Path], target: Path, image_size: int, progress: bool = True) -> Path:
@@ -110,11 +107,11 @@ def convert_archives(paths: dict[str, Path], target: Path, image_size: int, prog
     for name, archive in paths.items():
         layout = _archive_layout(archive, name)
         with zipfile.ZipFile(archive) as handle:
-            for character, members in tqdm(layout.items(), desc=f"converting {name}", disable=not progress,
-                                           leave=False):
+            for character, members in progress_bar(layout.items(), desc=f"converting {name}", enabled=progress,
+                                                   leave=False):
                 names.append(character)
                 blocks.extend(_decode(handle.read(member), image_size) for member in members)
-    images = torch.from_numpy(np.stack(blocks)).unsqueeze(1).contiguous()
+    images = torch.from_numpy(np.stack(blocks)).contiguous()
     offsets = torch.arange(len(names) + 1, dtype=torch.long) * DRAWINGS_PER_CHARACTER
     with atomic_path(target) as partial:
         save_file({"images": images, "offsets": offsets}, str(partial),
@@ -141,7 +138,8 @@ def load_omniglot(root: str | Path | None = None, image_size: int = 28, archives
     expected = sum(characters for _, _, characters in ARCHIVES.values())
     if len(names) != expected or images.shape != (expected * DRAWINGS_PER_CHARACTER, 1, image_size, image_size):
         raise OmniglotError(f"{cache} does not hold the expected Omniglot tensors; delete it to rebuild it")
-    return ClassDataset(images, offsets, names, name=f"omniglot-{image_size}px")
+    return ClassDataset(images, offsets, names, name=f"omniglot-{image_size}px",
+                        contract=omniglot_contract(image_size))
 
 
 def vinyals_split(names: list[str]) -> dict[str, list[int]]:

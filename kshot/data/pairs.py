@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kshot.data.dataset import ClassDataset, to_float
+from kshot.data.dataset import ClassDataset
 
 
 class PairSampler:
@@ -63,7 +63,7 @@ class PairSampler:
     def sample(self) -> tuple[Tensor, Tensor, Tensor]:
         """The next batch of pairs as float images in [0, 1] and float targets (1 = same class)."""
         classes, positions, targets = self.indices()
-        images = to_float(self.dataset.gather(classes.reshape(-1), positions.reshape(-1, 1)))[:, 0]
+        images = self.dataset.to_model(self.dataset.gather(classes.reshape(-1), positions.reshape(-1, 1)))[:, 0]
         images = images.reshape(self.batch_size, 2, *images.shape[1:])
         return images[:, 0], images[:, 1], targets.to(images.device)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kshot.data.dataset import ClassDataset, to_float
+from kshot.data.dataset import ClassDataset
 from kshot.episode import Episode
 
 
@@ -99,7 +99,7 @@ def build_episode(dataset: ClassDataset, classes: np.ndarray, picks: np.ndarray,
     flat_classes = classes.reshape(-1)
     order_classes = np.concatenate([flat_classes.repeat(shots), flat_classes.repeat(queries)])
     order_picks = np.concatenate([picks[..., :shots].reshape(-1), picks[..., shots:].reshape(-1)])
-    images = to_float(dataset.images_at(order_classes, order_picks))
+    images = dataset.to_model(dataset.images_at(order_classes, order_picks))
     n_support = flat_classes.size * shots
     shape = images.shape[1:]
     support_x = images[:n_support].view(*lead, ways * shots, *shape)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kshot.data.dataset import ClassDataset, to_float
+from kshot.data.dataset import ClassDataset
 
 
 class SupervisedStream:
@@ -39,7 +39,7 @@ class SupervisedStream:
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         classes, positions = self.indices()
-        images = to_float(self.dataset.gather(classes, positions.unsqueeze(1)))[:, 0]
+        images = self.dataset.to_model(self.dataset.gather(classes, positions.unsqueeze(1)))[:, 0]
         return images, classes.to(images.device)
 
     def state_dict(self) -> dict[str, Any]:
