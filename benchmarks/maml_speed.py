@@ -164,7 +164,7 @@ def measure_distributed(queries: int, device: str, repeats: int, processes: int)
             port = s.getsockname()[1]
         mp.start_processes(distributed_worker, args=(processes, port, queries, device, repeats, folder),
                            nprocs=processes, start_method="spawn")
-        found = [torch.load(Path(folder) / f"rank{rank}.pt") for rank in range(processes)]
+        found = [torch.load(Path(folder) / f"rank{rank}.pt", weights_only=True) for rank in range(processes)]
     return {"ms": found[0]["ms"], "peak_mb": sum(f["peak_mb"] for f in found), "grads": found[0]["grads"]}
 
 
@@ -202,7 +202,7 @@ def measure_in_fresh_process(method: str, queries: int, device: str, threads: in
         command = [sys.executable, __file__, "--probe", method, "--probe-out", str(out), "--queries", str(queries),
                    "--device", device, "--threads", str(threads), "--repeats", str(repeats), "--probe-dtype", dtype]
         subprocess.run(command, check=True, cwd=HERE)
-        return torch.load(out)
+        return torch.load(out, weights_only=True)
 
 
 def measure_in_rounds(probes: list[tuple[str, int]], queries: int, device: str, repeats: int, rounds: int

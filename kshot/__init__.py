@@ -13,5 +13,5 @@ from kshot.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedClassifier", "ConfigError", "Episode", "EvaluationResult", "FewShotModel", "Recipe", "data", "evaluate",
-           "learners", "load_recipe", "mean_ci95", "TrainConfig"]
+__all__ = ["AdaptedClassifier", "ConfigError", "Episode", "EvaluationResult", "FewShotModel", "Recipe", "TrainConfig",
+           "data", "evaluate", "learners", "load_recipe", "mean_ci95"]

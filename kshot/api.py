@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from kshot.training.checkpoint import load_learner, load_learner_weights, save_c
 from kshot.training.optim import optimizer_settings
 from kshot.training.trainer import Trainer
 
-Images = Union[Tensor, np.ndarray, Sequence[Union[str, Path]], str, Path]
+Images = Tensor | np.ndarray | Sequence[str | Path] | str | Path
 """Images for adapt/predict: uint8 (0-255) or float (0-1) [M, C, H, W] / [M, H, W], image files, or a folder."""
 
 

@@ -26,12 +26,16 @@ def batchnorm_mode(module: nn.Module, mode: str) -> Iterator[None]:
         if mode == "transductive":
             for layer in module.modules():
                 if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                    stashed.append((layer, layer.running_mean, layer.running_var))
+                    # num_batches_tracked too: train-mode forward increments it even without running stats.
+                    tracked = None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone()
+                    stashed.append((layer, layer.running_mean, layer.running_var, tracked))
                     layer.running_mean, layer.running_var = None, None
                     layer.train()
         yield
     finally:
-        for layer, mean, var in stashed:
+        for layer, mean, var, tracked in stashed:
             layer.running_mean, layer.running_var = mean, var
+            if tracked is not None:
+                layer.num_batches_tracked.copy_(tracked)
         for m, training in modes.items():
             m.training = training

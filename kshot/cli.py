@@ -81,7 +81,6 @@ def train(recipe: str, out: str | None, resume: bool, overwrite: bool, no_eval: 
     Under torchrun, every process trains and evaluates its share; the first one prints and writes."""
     from kshot.distributed import is_main_process, process_group
     from kshot.pipeline import evaluate_recipe, prepare_recipe_data, result_rows, train_recipe, write_results
-
     from kshot.recipe import overridden_keys
 
     overrides = _overrides(sets, data, data_root, archives)

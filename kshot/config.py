@@ -62,7 +62,8 @@ def field_names(schema: type) -> list[str]:
 def unknown_key_message(where: str, key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{where + '.' if where else ''}{key}: unknown setting; {hint}known settings are {', '.join(sorted(known))}"
+    choices = f"known settings are {', '.join(sorted(known))}" if known else "it takes no settings"
+    return f"{where + '.' if where else ''}{key}: unknown setting; {hint}{choices}"
 
 
 def validation_message(error: ValidationError, where: str) -> str:

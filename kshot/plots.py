@@ -32,7 +32,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         axes[0].plot(steps, [r["loss"] for r in train], lw=0.8)
         axes[0].set(xlabel="step", ylabel="training loss", yscale="log")
         if "accuracy" in train[0]:
-            axes[1].plot(steps, [100 * r["accuracy"] for r in train], lw=0.8, label="training episodes")
+            accuracy = [r["accuracy"] for r in train]
+            # Logs written before kshot 0.1.0's typed metrics held fractions; today's hold percents.
+            scale = 100.0 if max(accuracy) <= 1.0 else 1.0
+            axes[1].plot(steps, [scale * a for a in accuracy], lw=0.8, label="training episodes")
     if val:
         steps = [r["step"] for r in val]
         accuracy = [r["val_accuracy"] for r in val]

@@ -143,3 +143,21 @@ def test_cli_trains_on_two_processes_under_torchrun(folder, tmp_path):
     assert rows[0]["device"].endswith("x 2 processes") and rows[0]["episodes"] == 10
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4], "one validation row each 2 steps, from the main process only"
+
+
+def test_evaluate_defaults_to_the_batch_norm_mode_the_run_was_trained_with(folder, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(cli, ["train", "protonet-omniglot-quick", "--data", str(folder), "--out", str(run),
+                                 "--no-eval", "--device", "cpu", "--set", "bn_mode=transductive",
+                                 "--set", "train.val_bn_mode=transductive", "--set", "train.steps=2",
+                                 "--set", "train.val_every=1", "--set", "train.val_episodes=2"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["evaluate", str(run), "--ways", "2", "--queries", "2", "--episodes", "2",
+                                 "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0 and "batch norm: transductive" in result.output, result.output
+    result = runner.invoke(cli, ["evaluate", str(run), "--ways", "2", "--queries", "2", "--episodes", "2",
+                                 "--device", "cpu", "--bn-mode", "inference"], catch_exceptions=False)
+    assert "batch norm: inference" in result.output
+    assert FewShotModel.load(run, device="cpu").bn_mode == "transductive"

@@ -250,17 +250,17 @@ def test_wrong_ways_and_bad_options_raise_clear_errors():
         model.loss(meta_batch(ways=4))
     with pytest.raises(ValueError, match="3-way head"):
         model.adapt(meta_batch(ways=4).support_x[0], meta_batch(ways=4).support_y[0])
-    with pytest.raises(ValueError, match="unknown maml options"):
+    with pytest.raises(ValueError, match="options.inner_stepz: unknown setting; did you mean 'inner_steps'"):
         learner("maml", inner_stepz=2)
     with pytest.raises(ValueError, match="vmap"):
         learner("maml", CONV, strategy="vmap")
     with pytest.raises(ValueError, match="classification"):
         learner("anil", task="regression")
-    with pytest.raises(ValueError, match="inner_steps must be a non-negative integer, got -1"):
+    with pytest.raises(ValueError, match=r"options.inner_steps: input should be greater than or equal to 0 \(got -1\)"):
         learner("maml", inner_steps=-1)
-    with pytest.raises(ValueError, match=r"test_inner_steps must be a non-negative integer or null"):
+    with pytest.raises(ValueError, match=r"options.test_inner_steps: input should be a valid integer \(got 1.5\)"):
         learner("maml", test_inner_steps=1.5)
-    with pytest.raises(ValueError, match="test_inner_steps must be a non-negative integer, got True"):
+    with pytest.raises(ValueError, match=r"options.test_inner_steps: input should be a valid integer \(got True\)"):
         learner("reptile", test_inner_steps=True)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
@@ -67,8 +66,7 @@ def test_a_model_records_its_training_contract_and_decodes_files_with_it(tmp_pat
 
 
 @pytest.mark.omniglot
-def test_raw_omniglot_pngs_give_the_cached_dataset_tensors(omniglot_archives, tmp_path, monkeypatch):
-    monkeypatch.setenv("KSHOT_DATA", str(tmp_path / "cache"))
+def test_raw_omniglot_pngs_give_the_cached_dataset_tensors(omniglot_archives, tmp_path):
     test = load_dataset({"name": "omniglot", "archives": str(omniglot_archives)}, "evaluation")
     assert test.contract == omniglot_contract(28) and test.rotations == (0,)
     with zipfile.ZipFile(omniglot_archives / "images_evaluation.zip") as archive:

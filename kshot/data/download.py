@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from kshot.progress import progress_bar
 
 
 class DownloadError(RuntimeError):
@@ -47,8 +47,8 @@ def download(url: str, target: Path, md5: str | None, progress: bool = True, tim
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}",
-                          disable=not progress, leave=False) as bar:
+                with progress_bar(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}",
+                                  enabled=progress, leave=False) as bar:
                     for block in iter(lambda: response.read(1 << 20), b""):
                         out.write(block)
                         bar.update(len(block))

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from pydantic.dataclasses import dataclass as options_schema
 from torch import Tensor, nn
 
+from kshot.backbones import module_spec
+from kshot.config import STRICT, as_dict, parse
 from kshot.data.dataset import ClassDataset
 from kshot.data.sampler import EpisodeSampler
 from kshot.episode import Episode
@@ -54,14 +57,27 @@ class EpisodeStream:
         self.sampler.load_state_dict(state)
 
 
+@options_schema(config=STRICT)
+class NoOptions:
+    """The options of a learner that takes none: any option given is an unknown-setting error."""
+
+
 class Learner(nn.Module, ABC):
     """Base class of every few-shot learner; see the module docstring for the contract."""
 
     name: ClassVar[str]
     """Registry name, used by recipes and the CLI."""
 
+    Options: ClassVar[type] = NoOptions
+    """The learner's options: a pydantic dataclass with `config=STRICT` (a subclass extends its parent's by
+    dataclass inheritance). `__init__` validates the options given against it with `kshot.config.parse`, so
+    every learner rejects unknown, wrong-typed and out-of-range options with the same one-line `ConfigError`."""
+
     outer_optimizer: ClassVar[dict[str, Any]] = {"optimizer": "adam"}
     """The outer optimiser used when the training settings leave `optimizer` / `momentum` unset."""
+
+    trains_on_episodes: ClassVar[bool] = True
+    """False for learners whose training stream is not N-way episodes (supervised pretraining, pairs)."""
 
     required_outer_optimizer: ClassVar[dict[str, Any]] = {}
     """Outer optimiser settings this learner cannot train without (a different choice is a config error)."""
@@ -70,7 +86,8 @@ class Learner(nn.Module, ABC):
         super().__init__()
         self.backbone = backbone
         self.image_shape = tuple(image_shape)
-        self.options: dict[str, Any] = dict(options)
+        self.options: dict[str, Any] = as_dict(parse(self.Options, options, "options"))
+        """Every option, defaults included, as plain JSON data, so that `config()` rebuilds the same learner."""
 
     # ---------------------------------------------------------------------------------------------- training
     def prepare(self, train_dataset: ClassDataset) -> None:
@@ -95,9 +112,10 @@ class Learner(nn.Module, ABC):
     # ---------------------------------------------------------------------------------------------- helpers
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this learner (see `kshot.learners.build_learner`)."""
+        contract = getattr(self, "input_contract", None)
         return {"learner": self.name, "image_shape": list(self.image_shape),
-                "backbone": dict(getattr(self, "backbone_spec", {"name": type(self.backbone).__name__.lower()})),
-                "options": dict(self.options)}
+                "backbone": dict(getattr(self, "backbone_spec", None) or module_spec(self.backbone)),
+                "options": dict(self.options), "input_contract": contract.to_dict() if contract else None}
 
     def outer_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the outer (meta) optimiser updates; all of them unless a learner says otherwise."""
@@ -105,8 +123,9 @@ class Learner(nn.Module, ABC):
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of rows whose arg-max matches the label."""
-    return (logits.argmax(dim=-1) == labels).float().mean().item()
+    """Percent (0-100) of rows whose arg-max matches the label: the unit of validation and test accuracy, so
+    that training and validation figures share one scale."""
+    return 100 * (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
 def classes_in(support_y: Tensor) -> int:

@@ -5,37 +5,35 @@ training stream that also takes task families such as the sinusoids."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
+from kshot.config import STRICT
 from kshot.episode import Episode
 from kshot.learners.base import EpisodeShape, Learner, accuracy, classes_in
 from kshot.learners.functional import Params
-from kshot.learners.options import feature_dim
-
-TASKS = ("classification", "regression")
+from kshot.learners.options import PositiveCount, feature_dim
 
 
 class FunctionalLearner(Learner):
-    """Base of the gradient-based learners; subclasses define `DEFAULTS`, `loss` and `adapt`."""
+    """Base of the gradient-based learners; subclasses extend `Options` and define `loss` and `adapt`."""
 
-    DEFAULTS: ClassVar[dict[str, Any]] = {"ways": 5, "task": "classification"}
+    @dataclass(config=STRICT)
+    class Options:
+        """ways: outputs of the linear head (classification); task: classification (a linear head of `ways`
+        outputs on the backbone, cross-entropy) or regression (the backbone alone, mean squared error)."""
+
+        ways: PositiveCount = 5
+        task: Literal["classification", "regression"] = "classification"
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown {self.name} options {unknown}; known ones are {sorted(self.DEFAULTS)}")
-        super().__init__(backbone, image_shape, **{**self.DEFAULTS, **options})
-        task = self.options["task"]
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        super().__init__(backbone, image_shape, **options)
         ways = self.options["ways"]
-        if not isinstance(ways, int) or ways < 1:
-            raise ValueError(f"ways must be a positive integer, got {ways!r}")
-        self.head = nn.Linear(feature_dim(backbone, image_shape), ways) if task == "classification" else None
+        self.head = nn.Linear(feature_dim(backbone, image_shape), ways) if not self.regression else None
 
     # --------------------------------------------------------------------------------------------- network
     @property
@@ -128,17 +126,3 @@ def per_task_gradients(module: nn.Module, indices: Iterable[int], tasks: int, ta
 def add_gradients(total: Sequence[Tensor | None], more: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Element-wise sum of two gradient lists in which None stands for zero."""
     return [a if b is None else (b if a is None else a + b) for a, b in zip(total, more, strict=True)]
-
-
-def check_int_options(options: dict[str, Any], keys: Iterable[str], minimum: int, none_means: str | None = None
-                      ) -> None:
-    """Raise a clear error unless each option of `keys` is an integer >= minimum (or None, when none_means
-    says what None stands for)."""
-    for key in keys:
-        value = options[key]
-        if value is None and none_means is not None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
-            allowed = f" or null ({none_means})" if none_means else ""
-            raise ValueError(f"{key} must be {kind}{allowed}, got {value!r}")

@@ -10,15 +10,20 @@ which backpropagates each task as soon as its loss is known so that only one tas
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Literal
 
 import torch
+from pydantic import field_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
+from kshot.config import STRICT, NonNegativeFloat, PositiveFloat
 from kshot.episode import Episode
 from kshot.learners.base import Predictor
 from kshot.learners.functional import Params, func_inner_loop, inner_loop, pick_strategy
-from kshot.learners.gradient import FunctionalLearner, check_int_options, per_task_gradients, surrogate_loss
+from kshot.learners.gradient import FunctionalLearner, per_task_gradients, surrogate_loss
+from kshot.learners.options import Count, PositiveCount
 from kshot.learners.task_threads import pool_for
 
 
@@ -26,19 +31,35 @@ class MAML(FunctionalLearner):
     """Model-Agnostic Meta-Learning; `first_order: true` gives first-order MAML."""
 
     name = "maml"
-    DEFAULTS: ClassVar[dict[str, Any]] = {
-        "ways": 5, "task": "classification", "inner_steps": 1, "inner_lr": 0.4, "test_inner_steps": None,
-        "test_inner_lr": None, "first_order": False, "per_task_backward": False, "strategy": "auto",
-        "task_threads": 1}
+
+    @dataclass(config=STRICT)
+    class Options(FunctionalLearner.Options):
+        """FunctionalLearner's, and inner_steps, inner_lr: SGD steps and learning rate of the inner loop;
+        test_inner_steps, test_inner_lr: the same at test, None for the training values; first_order: drop the
+        second-order terms; per_task_backward: backpropagate each task at once (less memory); strategy: how
+        the tasks of a meta-batch run (auto, loop or vmap; see `kshot.learners.functional`); task_threads: CPU
+        threads over tasks, a positive integer or "auto" (one per intra-op thread)."""
+
+        inner_steps: Count = 1
+        inner_lr: PositiveFloat = 0.4
+        test_inner_steps: Count | None = None
+        test_inner_lr: PositiveFloat | None = None
+        first_order: bool = False
+        per_task_backward: bool = False
+        strategy: Literal["auto", "loop", "vmap"] = "auto"
+        task_threads: PositiveCount | Literal["auto"] = 1
+
+        @field_validator("task_threads", mode="before")
+        @classmethod
+        def auto_or_positive(cls, value: Any) -> Any:
+            """One clear message for a bad value (pydantic would report each member of the union)."""
+            if value != "auto" and (type(value) is not int or value < 1):
+                raise PydanticCustomError("auto_or_positive", "input should be 'auto' or a positive integer")
+            return value
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **options)
-        check_int_options(self.options, ["inner_steps"], 0)
-        check_int_options(self.options, ["test_inner_steps"], 0, none_means="inner_steps")
-        pick_strategy(self, self.options["strategy"], torch.device("cpu"))  # fail early on a bad strategy
-        threads = self.options["task_threads"]
-        if threads != "auto" and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"task_threads must be 'auto' or a positive integer, got {threads!r}")
+        pick_strategy(self, self.options["strategy"], torch.device("cpu"))  # vmap needs a network without BN
 
     def task_thread_count(self, device: torch.device, tasks: int) -> int:
         """Threads for the tasks of a meta-batch: 1 by default; "auto" gives one per intra-op thread on CPU, n
@@ -144,10 +165,11 @@ class ANIL(MAML):
 
     name = "anil"
 
-    def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
-        super().__init__(backbone, image_shape, **options)
-        if self.head is None:
-            raise ValueError("ANIL adapts the classification head; it needs task: classification")
+    @dataclass(config=STRICT)
+    class Options(MAML.Options):
+        """MAML's, but task must be classification: ANIL adapts the classification head."""
+
+        task: Literal["classification"] = "classification"
 
     def adapted_params(self) -> Params:
         return dict(self.head.named_parameters())
@@ -172,12 +194,30 @@ class MetaSGD(MAML):
     """
 
     name = "metasgd"
-    DEFAULTS: ClassVar[dict[str, Any]] = {**MAML.DEFAULTS, "inner_lr_range": None}
+
+    @dataclass(config=STRICT)
+    class Options(MAML.Options):
+        """MAML's, and inner_lr_range: [low, high] to draw the starting rates from, None to start them all at
+        inner_lr; test_inner_lr must stay None (the learned rates are used at test)."""
+
+        inner_lr_range: tuple[NonNegativeFloat, NonNegativeFloat] | None = None
+
+        @field_validator("inner_lr_range")
+        @classmethod
+        def low_then_high(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+            if value is not None and value[0] > value[1]:
+                raise PydanticCustomError("low_then_high", "input should be [low, high] with low <= high")
+            return value
+
+        @field_validator("test_inner_lr")
+        @classmethod
+        def learned(cls, value: float | None) -> float | None:
+            if value is not None:
+                raise PydanticCustomError("learned", "leave it unset: Meta-SGD learns its inner learning rates")
+            return value
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **options)
-        if self.options["test_inner_lr"] is not None:
-            raise ValueError("Meta-SGD learns its inner learning rates; leave test_inner_lr unset")
         self.learned_lrs = nn.ParameterDict({lr_key(n): nn.Parameter(self.initial_lrs(p))
                                              for n, p in self.adapted_params().items()})
 
@@ -185,11 +225,8 @@ class MetaSGD(MAML):
         """Starting rates shaped like `like`: inner_lr everywhere, or uniform draws from inner_lr_range."""
         bounds = self.options["inner_lr_range"]
         if bounds is None:
-            return torch.full_like(like, float(self.options["inner_lr"]))
-        if not (isinstance(bounds, list | tuple) and len(bounds) == 2 and 0 <= float(bounds[0]) <= float(bounds[1])):
-            raise ValueError(f"inner_lr_range must be [low, high] with 0 <= low <= high, got {bounds!r}")
-        low, high = float(bounds[0]), float(bounds[1])
-        return torch.empty_like(like).uniform_(low, high)
+            return torch.full_like(like, self.options["inner_lr"])
+        return torch.empty_like(like).uniform_(*bounds)
 
     def inner_lrs(self, test: bool = False) -> dict[str, Tensor]:
         return {n: self.learned_lrs[lr_key(n)] for n in self.adapted_params()}

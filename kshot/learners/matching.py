@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
+from kshot.config import STRICT, PositiveFloat
 from kshot.episode import Episode
 from kshot.learners.base import Learner, Predictor, accuracy, classes_in
-from kshot.learners.metric import embed_episode
-from kshot.learners.options import feature_dim, read_options
-
-DEFAULTS: dict[str, Any] = {"fce": False, "processing_steps": 5, "scale": 1.0, "learn_scale": False}
+from kshot.learners.metric import canonical_order, embed_episode
+from kshot.learners.options import PositiveCount, feature_dim
 
 
 def attention_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways: int,
@@ -25,14 +25,6 @@ def attention_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways:
     attention = (scale * similarity).softmax(dim=-1)  # [..., Q, M]
     probabilities = attention @ F.one_hot(support_y, ways).to(attention.dtype)
     return probabilities.clamp_min(1e-12).log()
-
-
-def canonical_order(features: Tensor, labels: Tensor) -> Tensor:
-    """Index [B, M] that sorts each support set by label, then by a content key, so that the LSTM of FCE sees
-    the same sequence whatever order the support set was given in."""
-    order = features.detach().sum(-1).argsort(dim=-1, stable=True)
-    by_label = labels.gather(-1, order).argsort(dim=-1, stable=True)
-    return order.gather(-1, by_label)
 
 
 class SupportContext(nn.Module):
@@ -76,20 +68,27 @@ class QueryAttention(nn.Module):
 
 
 class MatchingNet(Learner):
-    """Matching Networks; options: fce (full context embeddings), processing_steps (K of the attention LSTM),
-    scale (multiplies cosine similarities before the softmax; 1 as in the paper), learn_scale (make the scale a
-    learned temperature starting at `scale`: with scale 1 the attention over non-negative ReLU features is
-    nearly uniform and training plateaus, the problem Oreshkin et al. 2018 fix by metric scaling)."""
+    """Matching Networks (options: see `MatchingNet.Options`)."""
 
     name = "matching"
 
+    @dataclass(config=STRICT)
+    class Options:
+        """fce: full context embeddings; processing_steps: K of the attention LSTM; scale: multiplies cosine
+        similarities before the softmax (1 as in the paper); learn_scale: make the scale a learned temperature
+        starting at `scale` (with scale 1 the attention over non-negative ReLU features is nearly uniform and
+        training plateaus, the problem Oreshkin et al. 2018 fix by metric scaling)."""
+
+        fce: bool = False
+        processing_steps: PositiveCount = 5
+        scale: PositiveFloat = 1.0
+        learn_scale: bool = False
+
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
-        super().__init__(backbone, image_shape, **read_options(self.name, options, DEFAULTS))
+        super().__init__(backbone, image_shape, **options)
         self.support_context: SupportContext | None = None
         self.query_attention: QueryAttention | None = None
         self.log_scale: nn.Parameter | None = None
-        if float(self.options["scale"]) <= 0:
-            raise ValueError(f"matching: scale must be positive, got {self.options['scale']}")
         if self.options["learn_scale"]:
             self.log_scale = nn.Parameter(torch.tensor(float(self.options["scale"])).log())
         if self.options["fce"]:

@@ -27,6 +27,15 @@ def class_means(features: Tensor, labels: Tensor, ways: int) -> Tensor:
     return sums / one_hot.sum(dim=-2).unsqueeze(-1)
 
 
+def canonical_order(features: Tensor, labels: Tensor) -> Tensor:
+    """Index [..., M] that sorts each support set by label, then by a content key (the feature sum), so that
+    an order-sensitive step (FCE's LSTM, Baseline's mini-batches) sees the same sequence whatever order the
+    support set was given in; features [..., M, D], labels [..., M]."""
+    order = features.detach().sum(-1).argsort(dim=-1, stable=True)
+    by_label = labels.gather(-1, order).argsort(dim=-1, stable=True)
+    return order.gather(-1, by_label)
+
+
 def squared_euclidean(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise squared Euclidean distances: a [..., P, D], b [..., R, D] -> [..., P, R]."""
     # ||a||^2 - 2 a.b + ||b||^2: one matrix product instead of a [P, R, D] difference tensor.

@@ -1,19 +1,21 @@
-"""Helpers the learners share for reading their options and sizing heads from their backbone's output."""
+"""Helpers the learners share: integer option types and sizing heads from their backbone's output."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
 import torch
+from pydantic import Strict
 from torch import nn
 
+from kshot.config import NonNegativeInt, PositiveInt
 
-def read_options(learner: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """`defaults` updated by `options`, with a clear error for an option the learner does not know."""
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for learner {learner!r}; it takes {sorted(defaults)}")
-    return {**defaults, **options}
+Count = Annotated[NonNegativeInt, Strict()]
+"""An integer >= 0 in a learner's `Options`. Strict, unlike kshot.config's lax ints: `true`, `2.0` or "2" is
+an error, not a count (options come from YAML 1.2, JSON or Python, which all give real integers)."""
+
+PositiveCount = Annotated[PositiveInt, Strict()]
+"""An integer >= 1 in a learner's `Options`, strict as `Count` is."""
 
 
 def backbone_output_shape(backbone: nn.Module, image_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -7,15 +7,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 from kshot.backbones import conv_block
+from kshot.config import STRICT
 from kshot.episode import Episode
 from kshot.learners.base import Learner, Predictor, accuracy, classes_in
 from kshot.learners.metric import embed_episode
-from kshot.learners.options import backbone_output_shape, read_options
-
-DEFAULTS: dict[str, Any] = {"relation_channels": 64, "relation_hidden": 8}
+from kshot.learners.options import PositiveCount, backbone_output_shape
 
 
 class RelationModule(nn.Module):
@@ -48,13 +48,20 @@ def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
 
 
 class RelationNet(Learner):
-    """Relation Networks on a feature-map backbone (conv4 with flatten: false); options: relation_channels
-    and relation_hidden (the relation module's conv width and hidden FC size; 64 and 8 for Omniglot)."""
+    """Relation Networks on a feature-map backbone (conv4 with flatten: false)."""
 
     name = "relation"
 
+    @dataclass(config=STRICT)
+    class Options:
+        """relation_channels and relation_hidden: the relation module's conv width and hidden FC size (64 and
+        8 for Omniglot, as in the paper)."""
+
+        relation_channels: PositiveCount = 64
+        relation_hidden: PositiveCount = 8
+
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
-        super().__init__(backbone, image_shape, **read_options(self.name, options, DEFAULTS))
+        super().__init__(backbone, image_shape, **options)
         map_shape = backbone_output_shape(backbone, self.image_shape)
         if len(map_shape) != 3:
             raise ValueError(f"Relation Networks need feature maps but the backbone gives shape {map_shape}; "

@@ -9,56 +9,66 @@ theta <- theta + epsilon * (mean(theta_adapted) - theta).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
+from pydantic.dataclasses import dataclass
+from torch import Tensor
 
+from kshot.config import STRICT, PositiveFloat
 from kshot.episode import Episode
 from kshot.learners.base import Predictor
 from kshot.learners.functional import Params
-from kshot.learners.gradient import FunctionalLearner, check_int_options
-
-INNER_OPTIMIZERS = ("sgd", "adam")
+from kshot.learners.gradient import FunctionalLearner
+from kshot.learners.metric import canonical_order
+from kshot.learners.options import Count, PositiveCount
 
 
 class Reptile(FunctionalLearner):
     """Reptile with an SGD or Adam inner loop (the paper's code uses Adam with beta1 = 0) on the support set.
 
-    inner_batch_size (and test_inner_batch_size): each inner step sees that many support examples, taken in
-    reshuffled passes over the support set as in the paper's code; None (the default) uses all of it each step.
+    Inner mini-batches are drawn from the global RNG in training (seeded by the trainer, saved with its
+    checkpoints) but from a generator seeded with `test_seed` in `adapt`, so that the same support set always
+    gives the same predictor and evaluating never moves the training's random stream.
     """
 
     name = "reptile"
     outer_optimizer: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "momentum": 0.0}
     required_outer_optimizer: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "momentum": 0.0}
-    DEFAULTS: ClassVar[dict[str, Any]] = {
-        "ways": 5, "task": "classification", "inner_steps": 5, "inner_lr": 0.001, "inner_optimizer": "adam",
-        "test_inner_steps": 50, "test_inner_lr": None,
-        "inner_batch_size": None, "test_inner_batch_size": None}
 
-    def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
-        super().__init__(backbone, image_shape, **options)
-        if self.options["inner_optimizer"] not in INNER_OPTIMIZERS:
-            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got "
-                             f"{self.options['inner_optimizer']!r}")
-        check_int_options(self.options, ["inner_steps", "test_inner_steps"], 0)
-        check_int_options(self.options, ["inner_batch_size", "test_inner_batch_size"], 1,
-                          none_means="the whole support set")
+    @dataclass(config=STRICT)
+    class Options(FunctionalLearner.Options):
+        """FunctionalLearner's, and inner_steps, inner_lr, inner_optimizer (sgd or adam): the inner loop in
+        training; test_inner_steps, test_inner_lr: at test (test_inner_lr None: inner_lr); inner_batch_size,
+        test_inner_batch_size: support examples per inner step, taken in reshuffled passes over the support
+        set as in the paper's code, None for all of it each step; test_seed: seeds the test mini-batch order
+        afresh on every `adapt` call."""
+
+        inner_steps: Count = 5
+        inner_lr: PositiveFloat = 0.001
+        inner_optimizer: Literal["sgd", "adam"] = "adam"
+        test_inner_steps: Count = 50
+        test_inner_lr: PositiveFloat | None = None
+        inner_batch_size: PositiveCount | None = None
+        test_inner_batch_size: PositiveCount | None = None
+        test_seed: int = 0
 
     @staticmethod
-    def mini_batches(examples: int, batch_size: int | None, steps: int, device: torch.device) -> list[Tensor | None]:
+    def mini_batches(examples: int, batch_size: int | None, steps: int, device: torch.device,
+                     generator: torch.Generator | None = None) -> list[Tensor | None]:
         """Index tensors for `steps` inner steps: consecutive chunks of reshuffled passes over `examples`
-        (a chunk may span two passes); None (all examples) when batch_size is None or covers them all."""
+        (a chunk may span two passes), drawn from `generator` (the global RNG if None); None (all examples)
+        when batch_size is None or covers them all."""
         if batch_size is None or batch_size >= examples:
             return [None] * steps
         passes = -(-steps * batch_size // examples)
-        order = torch.cat([torch.randperm(examples) for _ in range(passes)]).to(device)
+        order = torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)]).to(device)
         return list(order[: steps * batch_size].view(steps, batch_size))
 
-    def fit(self, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int | None = None) -> Params:
+    def fit(self, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int | None = None,
+            generator: torch.Generator | None = None) -> Params:
         """Detached copies of the network's parameters after `steps` inner optimiser steps on (x, y), each on
-        a mini-batch of `batch_size` examples (all of them if None)."""
+        a mini-batch of `batch_size` examples (all of them if None) drawn from `generator` (global RNG if None)."""
         params = {n: p.detach().clone().requires_grad_() for n, p in self.network_params().items()}
         values = list(params.values())
         if self.options["inner_optimizer"] == "adam":
@@ -66,7 +76,7 @@ class Reptile(FunctionalLearner):
         else:
             optimizer = torch.optim.SGD(values, lr=lr)
         with torch.enable_grad():
-            for index in self.mini_batches(x.shape[0], batch_size, steps, x.device):
+            for index in self.mini_batches(x.shape[0], batch_size, steps, x.device, generator):
                 bx, by = (x, y) if index is None else (x[index], y[index])
                 loss = self.criterion(self.call(params, bx), by)
                 for value, grad in zip(values, torch.autograd.grad(loss, values, allow_unused=True)):
@@ -91,12 +101,17 @@ class Reptile(FunctionalLearner):
         return total / batch.batch_size, metrics
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
-        """Fine-tune a copy of the weights on the support set with the inner optimiser (works in no_grad)."""
+        """Fine-tune a copy of the weights on the support set with the inner optimiser (works in no_grad); the
+        mini-batch order comes from a generator seeded with `test_seed` on every call, never the global RNG."""
         self.check_support(support_y)
+        # Mini-batches are cut from the support set in a canonical order, so its given order does not matter.
+        order = canonical_order(support_x.flatten(1), support_y)
+        support_x, support_y = support_x[order], support_y[order]
         lr = self.options["test_inner_lr"]
         adapted = self.fit(support_x, support_y, self.options["test_inner_steps"],
                            float(lr if lr is not None else self.options["inner_lr"]),
-                           self.options["test_inner_batch_size"])
+                           self.options["test_inner_batch_size"],
+                           torch.Generator().manual_seed(self.options["test_seed"]))
 
         def predict(query_x: Tensor) -> Tensor:
             return self.call(adapted, query_x)

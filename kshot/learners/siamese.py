@@ -8,32 +8,38 @@ margin - distance for different pairs; similarity is minus the Euclidean distanc
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
+from kshot.config import STRICT, PositiveFloat
 from kshot.data.dataset import ClassDataset
 from kshot.data.pairs import PairSampler
 from kshot.learners.base import EpisodeShape, Learner, Predictor, classes_in
-from kshot.learners.options import feature_dim, read_options
-
-HEADS = ("bce", "contrastive")
-DEFAULTS: dict[str, Any] = {"head": "bce", "batch_size": 128, "margin": 1.0}
+from kshot.learners.options import PositiveCount, feature_dim
 
 
 class SiameseNet(Learner):
-    """Siamese Networks; options: head (bce or contrastive), batch_size (pairs per step, half of them
-    same-class), margin (of the contrastive loss)."""
+    """Siamese Networks (options: see `SiameseNet.Options`)."""
 
     name = "siamese"
+    trains_on_episodes = False  # trains on batches of pairs
+
+    @dataclass(config=STRICT)
+    class Options:
+        """head: bce or contrastive (see the module docstring); batch_size: pairs per step, half of them
+        same-class, so it must be even; margin: of the contrastive loss."""
+
+        head: Literal["bce", "contrastive"] = "bce"
+        batch_size: Annotated[PositiveCount, Field(multiple_of=2)] = 128
+        margin: PositiveFloat = 1.0
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
-        super().__init__(backbone, image_shape, **read_options(self.name, options, DEFAULTS))
-        if self.options["head"] not in HEADS:
-            raise ValueError(f"unknown Siamese head {self.options['head']!r}; "
-                             f"choose one of {', '.join(HEADS)}")
+        super().__init__(backbone, image_shape, **options)
         self.head: nn.Linear | None = None
         if self.options["head"] == "bce":
             self.head = nn.Linear(feature_dim(backbone, self.image_shape), 1)
@@ -60,7 +66,7 @@ class SiameseNet(Learner):
             margin = float(self.options["margin"])
             loss = (same * distance.pow(2) + (1 - same) * (margin - distance).clamp_min(0).pow(2)).mean() / 2
             predicted_same = distance < margin / 2
-        return loss, {"pair_accuracy": (predicted_same == same.bool()).float().mean().item()}
+        return loss, {"pair_accuracy": 100 * (predicted_same == same.bool()).float().mean().item()}  # percent
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
         ways = classes_in(support_y)

@@ -3,36 +3,38 @@ centroid on features centred by the mean base-class feature and L2-normalised (C
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
+from kshot.config import STRICT
 from kshot.learners.base import Predictor, classes_in
 from kshot.learners.metric import class_means, squared_euclidean
 from kshot.learners.supervised import SupervisedLearner
 
-NORMALISATIONS = ("cl2n", "l2n", "un")
-
 
 class SimpleShot(SupervisedLearner):
-    """SimpleShot; options: batch_size, num_classes (set by prepare), normalize (cl2n, l2n or un: centred and
-    L2-normalised, L2-normalised, unnormalised), mean_momentum (of the moving average of base-class features).
+    """SimpleShot (options: see `SimpleShot.Options`).
 
     The base-class mean feature is a buffer, updated during training as an exponential moving average of the
     batch means of the training features, so it is saved with the weights."""
 
     name = "simpleshot"
-    defaults: dict[str, Any] = {**SupervisedLearner.defaults, "normalize": "cl2n", "mean_momentum": 0.05}
+
+    @dataclass(config=STRICT)
+    class Options(SupervisedLearner.Options):
+        """SupervisedLearner's, and normalize: cl2n, l2n or un (centred and L2-normalised, L2-normalised,
+        unnormalised); mean_momentum: of the moving average of base-class features, in (0, 1]."""
+
+        normalize: Literal["cl2n", "l2n", "un"] = "cl2n"
+        mean_momentum: Annotated[float, Field(gt=0, le=1)] = 0.05
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__(backbone, image_shape, **options)
-        if self.options["normalize"] not in NORMALISATIONS:
-            raise ValueError(f"unknown normalize {self.options['normalize']!r}; choose one of "
-                             f"{', '.join(NORMALISATIONS)}")
-        if not 0 < float(self.options["mean_momentum"]) <= 1:
-            raise ValueError(f"mean_momentum must be in (0, 1], got {self.options['mean_momentum']}")
         self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
         self.register_buffer("mean_updates", torch.zeros((), dtype=torch.long))
 

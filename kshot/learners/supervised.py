@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
+from kshot.config import STRICT
 from kshot.data.dataset import ClassDataset
 from kshot.data.supervised import SupervisedStream
 from kshot.learners.base import EpisodeShape, Learner, accuracy
-from kshot.learners.options import feature_dim, read_options
+from kshot.learners.options import PositiveCount, feature_dim
 
 
 def chen_scale(classes: int) -> float:
@@ -47,15 +49,20 @@ def linear_head(in_features: int, classes: int, generator: torch.Generator | Non
 
 
 class SupervisedLearner(Learner):
-    """A learner pretrained as a classifier over every base class; subclasses choose the head and `adapt`.
+    """A learner pretrained as a classifier over every base class; subclasses choose the head and `adapt`."""
 
-    Options common to all: batch_size (examples per step), num_classes (set by `prepare` from the data).
-    """
+    trains_on_episodes = False  # trains on labelled batches over all base classes
 
-    defaults: dict[str, Any] = {"batch_size": 128, "num_classes": None}
+    @dataclass(config=STRICT)
+    class Options:
+        """batch_size: examples per pretraining step; num_classes: of the pretraining head, None until
+        `prepare` sets it from the training set (an option, so that a saved learner is rebuilt with its head)."""
+
+        batch_size: PositiveCount = 128
+        num_classes: PositiveCount | None = None
 
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
-        super().__init__(backbone, image_shape, **read_options(self.name, options, self.defaults))
+        super().__init__(backbone, image_shape, **options)
         self.feature_dim = feature_dim(backbone, self.image_shape)
         self.classifier: nn.Module | None = None
         if self.options["num_classes"] is not None:
