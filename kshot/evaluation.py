@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from kshot import distributed
 from kshot.batchnorm import batchnorm_mode
 from kshot.data.sampler import EpisodeSet
 from kshot.learners.base import Learner
+from kshot.progress import progress_bar
 
 Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 
@@ -51,12 +51,18 @@ class EvaluationResult:
     per_episode: list[float] = field(repr=False, default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.ways}-way {self.shots}-shot on {self.dataset}: {self.accuracy:.2f}% +- {self.ci95:.2f}% "
-                f"(95% CI, {self.episodes} episodes, {self.queries} queries/class, batch norm: {self.bn_mode})")
+        """One line: mean +- 95% CI, or a plain statement that one episode gives no interval (not "+- nan")."""
+        interval = f"+- {self.ci95:.2f}% (95% CI, {self.episodes} episodes, " if math.isfinite(self.ci95) else \
+            f"(no confidence interval from {self.episodes} episode, "
+        return (f"{self.ways}-way {self.shots}-shot on {self.dataset}: {self.accuracy:.2f}% {interval}"
+                f"{self.queries} queries/class, batch norm: {self.bn_mode})")
 
     def as_row(self) -> dict[str, Any]:
+        """The result as a JSON-safe row (ci95 None when there is no interval, as JSON has no NaN)."""
         row = asdict(self)
         row.pop("per_episode")
+        if not math.isfinite(row["ci95"]):
+            row["ci95"] = None
         return row
 
 
@@ -77,7 +83,7 @@ def evaluate(learner: Learner, episodes: EpisodeSet, bn_mode: str = "inference",
     scores: list[float] = []
     start = time.perf_counter()
     with batchnorm_mode(learner, bn_mode), torch.no_grad():
-        for index in tqdm(indices, desc="evaluating", disable=not progress, leave=False):
+        for index in progress_bar(indices, desc="evaluating", enabled=progress, leave=False):
             episode = episodes[index].to(device)
             predictor = learner.adapt(episode.support_x, episode.support_y)
             scores.append(metric(predictor(episode.query_x), episode.query_y))

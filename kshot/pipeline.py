@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -147,7 +148,7 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, device: str = "cpu", resum
     every process calls this and trains its share of each batch (see `kshot.distributed`); afterwards only
     the main process should evaluate and write results."""
     if data is None:
-        recipe, data = prepare_recipe_data(recipe, with_test=False)
+        recipe, data = prepare_recipe_data(recipe)
     train, val = data.train, data.val
     device = str(local_device(device))  # under torchrun, this process's own GPU
     if device != "cpu":
@@ -189,7 +190,8 @@ def result_rows(recipe: Recipe, results: list[EvaluationResult], train_seconds: 
     for setting, result in zip(recipe.evaluate, results):
         rows.append({"method": recipe.learner, "recipe": recipe.name, "dataset": result.dataset,
                      "ways": result.ways, "shots": result.shots, "queries": result.queries,
-                     "episodes": result.episodes, "accuracy": round(result.accuracy, 3), "ci95": round(result.ci95, 3),
+                     "episodes": result.episodes, "accuracy": round(result.accuracy, 3),
+                     "ci95": round(result.ci95, 3) if math.isfinite(result.ci95) else None,
                      "paper": setting.paper, "bn_mode": result.bn_mode, "train_steps": steps,
                      "train_seconds": round(train_seconds, 1), "eval_seconds": round(result.seconds, 1),
                      "device": device_name(device), "commit": commit, "date": time.strftime("%Y-%m-%d")})

@@ -8,6 +8,7 @@ provide the episodes asked for is checked by `kshot.pipeline.check_recipe_agains
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -142,8 +143,10 @@ def read_recipe_data(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
     else:
         resource = resources.files("kshot.recipes") / f"{name_or_path}.yaml"
         if not resource.is_file():
-            raise RecipeError(f"no recipe named {name_or_path!r}; `kshot recipes` lists the shipped ones, or give "
-                              f"the path of a .yaml file")
+            close = difflib.get_close_matches(str(name_or_path), recipe_names(), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecipeError(f"no recipe named {name_or_path!r}; {hint}`kshot recipes` lists the shipped ones, or "
+                              f"give the path of a .yaml file")
         text, name = resource.read_text(), str(name_or_path)
     try:
         data = parse_yaml(text) or {}

@@ -52,8 +52,8 @@ def test_evaluate_reports_percent_and_the_episode_set(toy):
     assert "5-way 2-shot" in result.summary() and "batch norm: inference" in result.summary()
 
 
-def test_batchnorm_modes_leave_running_statistics_alone(toy):
-    learner = build_learner("protonet", toy.image_shape, {"name": "conv4", "hidden": 8})
+def test_batchnorm_modes_leave_running_statistics_alone():
+    learner = build_learner("protonet", (1, 16, 16), {"name": "conv4", "hidden": 8})  # conv4 needs 16x16
     learner.train()
     x = torch.rand(10, 1, 16, 16)
     bn = next(m for m in learner.modules() if isinstance(m, nn.BatchNorm2d))

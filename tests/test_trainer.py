@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import synthetic_dataset
 from kshot.learners import build_learner
 from kshot.training import RunExistsError, TrainConfig, Trainer, load_learner, save_checkpoint
 from kshot.training import checkpoint as checkpoint_module
+from kshot.training import trainer as trainer_module
 
 BACKBONE = {"name": "conv4", "hidden": 8}
 
@@ -117,7 +119,7 @@ def test_time_budget_does_not_validate_a_step_twice(data, tmp_path):
 
 
 def test_unknown_training_setting_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown training settings"):
+    with pytest.raises(ValueError, match="train.stepz: unknown setting; did you mean 'steps'"):
         TrainConfig.from_dict({"stepz": 3})
 
 
@@ -131,3 +133,49 @@ def test_linear_schedule_anneals_the_rate_to_lr_final(data, tmp_path):
 def test_unknown_schedule_is_a_clear_error(data, tmp_path):
     with pytest.raises(ValueError, match="lr_schedule"):
         Trainer(make(data), config(2, lr_schedule="cosine"), tmp_path, progress=False).fit(data)
+
+
+def logged(run, key):
+    return [(row["step"], row[key]) for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if key in row]
+
+
+def test_resume_with_an_lr_schedule_continues_with_the_uninterrupted_rates(data, tmp_path):
+    schedule = dict(lr=0.01, lr_schedule="step", lr_decay_every=2, lr_decay=0.5)
+    straight = make(data)
+    Trainer(straight, config(7, **schedule), tmp_path / "straight", progress=False).fit(data, data)
+    Trainer(make(data), config(3, **schedule), tmp_path / "resumed", progress=False).fit(data, data)
+    resumed = make(data)  # stopped at step 3, half-way through a decay period
+    Trainer(resumed, config(7, **schedule), tmp_path / "resumed", progress=False).fit(data, data, resume=True)
+    rates = logged(tmp_path / "straight", "lr")
+    assert [rate for _, rate in rates] == pytest.approx([0.01, 0.005, 0.005, 0.0025, 0.0025, 0.00125, 0.00125])
+    assert logged(tmp_path / "resumed", "lr") == rates
+    for name, value in weights(straight).items():
+        assert torch.allclose(value.float(), resumed.state_dict()[name].float(), atol=1e-6), name
+
+
+def test_model_selection_uses_the_validation_split_only(tmp_path, monkeypatch):
+    train = synthetic_dataset(classes=10, per_class=6, size=16, seed=2)
+    val = synthetic_dataset(classes=6, per_class=6, size=16, seed=7)  # other classes than train's
+    scores = iter([40.0, 90.0, 60.0])  # the middle validation is the best, not the last
+    seen, at_step = [], {}
+    real = trainer_module.evaluate
+
+    def spy(learner, episodes, **options):
+        seen.append(episodes.dataset)
+        at_step[len(seen)] = weights(learner)
+        return dataclasses.replace(real(learner, episodes, **options), accuracy=next(scores))
+
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
+    learner = make(train)
+    history = Trainer(learner, config(9), tmp_path / "val", progress=False).fit(train, val)
+    assert seen and all(dataset is val for dataset in seen)
+    assert [(row["step"], row["val_accuracy"]) for row in history] == [(3, 40.0), (6, 90.0), (9, 60.0)]
+    best, info = load_learner(tmp_path / "val" / "checkpoints" / "best")
+    assert info["step"] == 6 and info["best_metric"] == 90.0
+    for name, value in at_step[2].items():
+        assert torch.equal(value, best.state_dict()[name]), name
+
+    seen.clear()  # without a validation split nothing is evaluated (neither train nor test): best is the last
+    Trainer(make(train), config(6), tmp_path / "noval", progress=False).fit(train)
+    assert seen == [] and load_learner(tmp_path / "noval" / "checkpoints" / "best")[1]["step"] == 6

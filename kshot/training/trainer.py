@@ -1,35 +1,87 @@
 """The trainer: meta-trains any learner on its training stream, validates on a fixed episode set, keeps best
-and last checkpoints, logs metrics as JSON lines, and resumes exactly where a stopped run left off."""
+and last checkpoints, logs metrics as JSON lines, and resumes exactly where a stopped run left off.
+
+Runs cannot be lost: the trainer locks its folder, sets an old run aside (rather than deleting it) until the
+new one has checkpointed, saves `last` on a step/time cadence besides validation, refuses to resume with
+settings that change what is trained, and stops with `TrainingDivergedError` as soon as anything goes
+non-finite."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from kshot import distributed
+from kshot.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from kshot.data.dataset import ClassDataset
 from kshot.data.sampler import EpisodeSet
 from kshot.episode import Episode
-from kshot.config import TrainConfig
 from kshot.evaluation import EvaluationResult, evaluate
 from kshot.learners import EpisodeShape, Learner
-from kshot.training.optim import build_optimizer, build_scheduler
+from kshot.progress import progress_bar
+from kshot.training import run_folder
 from kshot.training.checkpoint import load_learner_weights, load_trainer_state, read_info, save_checkpoint
+from kshot.training.optim import build_optimizer, build_scheduler
+from kshot.training.run_folder import CHECKPOINTS, RunExistsError, RunLockedError
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHECKPOINTS", "METRICS_FILE", "ResumeSettingsError", "RunExistsError", "RunLockedError", "Trainer",
+           "TrainingDivergedError", "json_line"]
 
 
-class RunExistsError(FileExistsError):
-    """Training into a folder that already holds a run, without asking to resume or overwrite it."""
+class ResumeSettingsError(ConfigError):
+    """Resuming a run with settings that would change what it trains (outside `RESUMABLE_CHANGES`)."""
+
+
+class TrainingDivergedError(FloatingPointError, ValueError):
+    """The loss, a gradient, a weight or a batch-norm statistic became NaN or infinite during training."""
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One metrics.jsonl line of strict JSON: NaN and infinities (which JSON cannot hold) are written as null."""
+    safe = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in row.items()}
+    return json.dumps(safe, allow_nan=False) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it reads back from checkpoint.json (tuples as lists, unknown types as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys, the names `--set` uses (e.g. {"backbone": {"hidden": 8}} -> backbone.hidden)."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(saved: dict[str, Any], config: TrainConfig, run_info: dict[str, Any]
+                     ) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ between a checkpoint's info and the run about to resume it, as {dotted key: (was,
+    now)}: the training settings, and the recipe (when both record one) without its train and evaluate parts."""
+    before, after = {"train": dict(saved.get("train_config") or {})}, {"train": _plain(asdict(config))}
+    for key in list(after["train"]):
+        if key not in before["train"]:  # a setting newer than the checkpoint: nothing to compare it with
+            del after["train"][key]
+    if isinstance(saved.get("recipe"), dict) and isinstance(run_info.get("recipe"), dict):
+        before.update({k: v for k, v in saved["recipe"].items() if k not in ("train", "evaluate")})
+        after.update({k: v for k, v in _plain(run_info["recipe"]).items() if k not in ("train", "evaluate")})
+    old, new = _flatten(before), _flatten(after)
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
 
 
 def move(batch: Any, device: torch.device) -> Any:
@@ -56,6 +108,10 @@ class Trainer:
         self.best_metric = -math.inf
         self.step = 0
         self.train_seconds = 0.0
+        self._lock = run_folder.RunLock(self.run_dir)
+        self._replacing = False  # an old run is set aside until this one saves its first checkpoint
+        self._resumes: list[dict[str, Any]] = []  # what each resume changed, recorded in checkpoint.json
+        self._saved_at = 0.0
 
     @property
     def last_dir(self) -> Path:
@@ -69,29 +125,57 @@ class Trainer:
             overwrite: bool = False) -> list[dict[str, Any]]:
         """Train to `config.steps` outer steps (or the time budget); returns the validation history.
 
+        The trainer holds `run_dir`'s lock throughout (`RunLockedError` for a second trainer). A folder holding a
+        checkpoint needs `resume` (refused with `ResumeSettingsError` if settings outside `RESUMABLE_CHANGES`
+        changed) or `overwrite` (the old run is set aside, deleted once the new run has saved a checkpoint, and put
+        back if it fails before); anything non-finite stops training with `TrainingDivergedError`.
+
         Under torchrun, every process runs this: each step's batch is split between the processes and their
         gradients averaged (`kshot.distributed`), validation episodes split too; the main process logs and saves."""
         group = distributed.join_process_group(self.device)
         try:
             return self._fit(train, val, resume, overwrite, group)
         finally:
+            self._lock.release()
             distributed.leave_process_group(group)
 
     def _fit(self, train: ClassDataset, val: ClassDataset | None, resume: bool, overwrite: bool,
              group: distributed.ProcessGroup | None) -> list[dict[str, Any]]:
-        config = self.config
         main = group is None or group.is_main
         refused: Exception | None = None
         if main:
             try:
-                self._claim_run_dir(resume, overwrite)
-            except (RunExistsError, FileNotFoundError) as error:
+                resume = self._claim_run_dir(resume, overwrite)
+            except Exception as error:
                 refused = error
-        # Every process learns whether the run folder was claimed before anyone reads it.
-        if group is not None and distributed.any_process(refused is not None, self.device) and refused is None:
-            raise RunExistsError("the main process (rank 0) could not claim the run folder; its error says why")
+        # Every process learns whether the run folder was claimed, and whether the run resumes, before anyone
+        # reads it.
+        if group is not None:
+            if distributed.any_process(refused is not None, self.device):
+                if refused is None:
+                    raise RunExistsError("the main process (rank 0) could not claim the run folder; its error says "
+                                         "why")
+            else:
+                resume = distributed.any_process(main and resume, self.device)
         if refused is not None:
             raise refused
+        try:
+            history = self._train(train, val, resume, group)
+        except BaseException:
+            if main and self._replacing:  # failed before its first checkpoint: the old run comes back
+                run_folder.put_back(self.run_dir)
+                self._replacing = False
+            raise
+        if main and self._replacing:
+            run_folder.discard_set_aside(self.run_dir)
+            self._replacing = False
+        return history
+
+    def _train(self, train: ClassDataset, val: ClassDataset | None, resume: bool,
+               group: distributed.ProcessGroup | None) -> list[dict[str, Any]]:
+        """The training loop proper, once the run folder is claimed."""
+        config = self.config
+        main = group is None or group.is_main
         self.learner.prepare(train)
         self.learner.to(self.device)
         stream = self.learner.training_stream(train, EpisodeShape(config.ways, config.shots, config.queries,
@@ -110,9 +194,10 @@ class Trainer:
         trained = [p for p in self.learner.parameters() if p.requires_grad]
         history: list[dict[str, Any]] = []
         log = open(self.run_dir / METRICS_FILE, "a") if main else None
-        bar = tqdm(total=config.steps, initial=self.step, desc=f"training {self.learner.name}",
-                   disable=not (self.progress and main), dynamic_ncols=True)
+        bar = progress_bar(total=config.steps, initial=self.step, desc=f"training {self.learner.name}",
+                           enabled=self.progress and main, dynamic_ncols=True)
         started = time.perf_counter() - self.train_seconds
+        self._saved_at = time.perf_counter()
         try:
             while self.step < config.steps:
                 out_of_time = config.time_budget_s is not None and \
@@ -129,11 +214,10 @@ class Trainer:
                 loss, metrics = self.learner.loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                loss_value = loss.item()
                 if group is not None:
                     names = sorted(metrics)
-                    values = distributed.average_gradients(trained, [loss_value] + [metrics[k] for k in names])
-                    loss_value, metrics = values[0], dict(zip(names, values[1:]))
+                    values = distributed.average_gradients(trained, [loss.item()] + [metrics[k] for k in names])
+                    loss, metrics = values[0], dict(zip(names, values[1:]))
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.learner.parameters(), config.grad_clip)
                 optimizer.step()
@@ -142,18 +226,18 @@ class Trainer:
                     distributed.average_buffers(self.learner)
                 self.step += 1
                 self.train_seconds = time.perf_counter() - started
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"training loss became {loss_value} at step {self.step}; lower the "
-                                             f"learning rate or clip gradients (grad_clip)")
+                loss_value = self._check_finite(loss, trained)
                 if log is not None and self.step % config.log_every == 0:
                     row = {"step": self.step, "loss": loss_value, **metrics, "lr": scheduler.get_last_lr()[0],
                            "seconds": round(self.train_seconds, 3)}
-                    log.write(json.dumps(row) + "\n")
+                    log.write(json_line(row))
                     bar.set_postfix(loss=f"{loss_value:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
                 bar.update(1)
                 at_end = self.step >= config.steps
                 if (config.val_every > 0 and self.step % config.val_every == 0) or at_end:
                     history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
+                elif main and self._checkpoint_due():
+                    self._save_last(optimizer, scheduler, stream, log)
             validated = bool(history) and history[-1]["step"] == self.step
             if self.step < config.steps and not validated:  # stopped by the time budget: keep what was reached
                 history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
@@ -166,22 +250,117 @@ class Trainer:
         return history
 
     # --------------------------------------------------------------------------------------------- internals
-    def _claim_run_dir(self, resume: bool, overwrite: bool) -> None:
-        has_run = (self.run_dir / CHECKPOINTS).exists() or (self.run_dir / METRICS_FILE).exists()
-        if has_run and not resume and not overwrite:
-            raise RunExistsError(f"{self.run_dir} already holds a training run; resume it (--resume), choose "
-                                 f"another output folder, or pass --overwrite to start it again")
-        if resume and not (self.last_dir / "checkpoint.json").exists() and \
-                not self.last_dir.with_name(".last.old").exists():
-            raise FileNotFoundError(f"nothing to resume: {self.last_dir} holds no checkpoint")
-        if overwrite and not resume:
-            shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
-            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+    def _claim_run_dir(self, resume: bool, overwrite: bool) -> bool:
+        """Lock the run folder for this trainer, tidy what a killed run left, and decide how the run starts;
+        returns whether it resumes. Refusals happen here, before anything of the old run is changed.
+
+        A folder without a checkpoint (a run killed before its first one) holds nothing to lose: it starts
+        afresh, with or without --resume. A folder with one needs --resume, or --overwrite, whose old run is
+        set aside until the new run has saved its first checkpoint (and comes back if it fails before)."""
+        if resume and not self.run_dir.is_dir():
+            raise FileNotFoundError(f"nothing to resume: {self.run_dir} does not exist")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            run_folder.recover(self.run_dir)
+            found = run_folder.holds_checkpoint(self.run_dir)
+            if resume and found:
+                self._check_resumable()
+                return True
+            if resume:
+                logger.warning("note: %s holds no checkpoint to resume (its run stopped before saving one); "
+                               "training starts from step 0", self.run_dir)
+            elif found and not overwrite:
+                raise RunExistsError(f"{self.run_dir} already holds a training run; resume it (--resume), choose "
+                                     f"another output folder, or pass --overwrite to start it again")
+            self._replacing = run_folder.set_aside(self.run_dir)
+            return False
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _check_resumable(self) -> None:
+        """Refuse to resume with settings that change what is trained (all but `RESUMABLE_CHANGES`, which say
+        how long and how often); note the allowed changes, which checkpoint.json then records."""
+        saved = read_info(self.last_dir)
+        changes = changed_settings(saved, self.config, self.run_info)
+        refused = [key for key in changes if key.removeprefix("train.") not in RESUMABLE_CHANGES
+                   or not key.startswith("train.")]
+        if refused:
+            def shown(value: Any) -> str:
+                return "unset" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+            what = "; ".join(f"{key} was {shown(changes[key][0])}, now {shown(changes[key][1])}" for key in refused)
+            undo = " or ".join(f"--set {key}" for key in refused)
+            raise ResumeSettingsError(f"cannot resume {self.run_dir} with changed settings: {what}; resume without "
+                                      f"{undo}, or start a new run (another --out, or --overwrite)")
+        self._resumes = list(saved.get("resumed") or [])
+        if changes:
+            self._resumes.append({"at_step": saved.get("step"),
+                                  "changed": {key: list(change) for key, change in changes.items()}})
+
+    def _checkpoint_due(self) -> bool:
+        """Whether `last` is due on the step or time cadence (`checkpoint_every`, `checkpoint_every_s`), which
+        runs besides validation so that a killed run loses little, whatever val_every is."""
+        every, every_s = self.config.checkpoint_every, self.config.checkpoint_every_s
+        return bool(every and self.step % every == 0) or \
+            bool(every_s and time.perf_counter() - self._saved_at >= every_s)
+
+    def _check_finite(self, loss: torch.Tensor | float, trained: list[torch.nn.Parameter]) -> float:
+        """The step's loss as a float, or `TrainingDivergedError` if the loss, a gradient, a weight or a
+        floating-point buffer (batch-norm statistics) is NaN or infinite.
+
+        Cheap enough for every step: one fused norm per tensor (`torch._foreach_norm`; NaN and infinity make it
+        non-finite, and so do values past about 1e19, where float32 squares overflow: a model that large has
+        diverged too), read back with the loss in one device sync (the one reading the loss always cost); only a
+        failure looks at tensors one by one."""
+        buffers = [b for b in self.learner.buffers() if b.is_floating_point()]
+        tensors = [t for t in [p.grad for p in trained if p.grad is not None] + trained + buffers if t.numel()]
+        norms = torch._foreach_norm(tensors) if tensors else []
+        finite = torch.stack([norm.float() for norm in norms]).isfinite().all() if norms else None
+        if isinstance(loss, torch.Tensor):
+            checks = [loss.detach().float().reshape(())] + ([finite.float()] if finite is not None else [])
+            values = torch.stack(checks).tolist()
+            loss_value, ok = values[0], values[-1] if finite is not None else 1.0
+        else:
+            loss_value, ok = float(loss), finite.item() if finite is not None else 1.0
+        if ok and math.isfinite(loss_value):
+            return loss_value
+        config = self.config
+        clip = f"lower train.grad_clip (now {config.grad_clip:g})" if config.grad_clip else "set train.grad_clip"
+        raise TrainingDivergedError(f"training diverged at step {self.step}: {self._first_non_finite(loss_value)}; "
+                                    f"lower train.lr (now {config.lr:g}) or {clip}")
+
+    def _first_non_finite(self, loss_value: float) -> str:
+        """What went non-finite first in a step: batch-norm statistics (updated by the forward pass), the loss,
+        a gradient, or a weight (updated by the optimiser)."""
+        def problem(tensor: torch.Tensor) -> str | None:
+            if bool(tensor.isnan().any()):
+                return "nan"
+            if bool(tensor.isinf().any()):
+                return "inf"
+            return None if bool(torch.linalg.vector_norm(tensor).isfinite()) else "too large (beyond 1e19)"
+
+        for name, buffer in self.learner.named_buffers():
+            if buffer.is_floating_point() and buffer.numel() and (found := problem(buffer)):
+                module, _, leaf = name.rpartition(".")
+                what = f"batch-norm {leaf} of {module}" if leaf in ("running_mean", "running_var") else f"buffer {name}"
+                return f"{what} is {found}"
+        if not math.isfinite(loss_value):
+            return f"the loss is {loss_value}"
+        parameters = [(name, p) for name, p in self.learner.named_parameters() if p.numel()]
+        for name, parameter in parameters:
+            if parameter.grad is not None and (found := problem(parameter.grad)):
+                return f"the gradient of {name} is {found}"
+        for name, parameter in parameters:
+            if found := problem(parameter):
+                return f"weight {name} is {found}"
+        return "a value overflowed"
 
     def _validate_and_save(self, val_set, optimizer, scheduler, stream, log, main: bool = True) -> dict[str, Any]:
         """Validate (each process scoring its share of the episodes in a distributed run) and, in the main
-        process, log the result and save the last (and, if it improved, the best) checkpoint."""
+        process, log the result and save the last (and, if it improved, the best) checkpoint. Model selection
+        uses only `val_set` (the validation split); without one, the latest step counts as best."""
         row: dict[str, Any] = {"step": self.step, "seconds": round(self.train_seconds, 3)}
         result: EvaluationResult | None = None
         if val_set is not None:
@@ -191,23 +370,36 @@ class Trainer:
         if not main:
             return row
         if result is not None:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        info = {"step": self.step, "train_seconds": self.train_seconds, "train_config": asdict(self.config),
-                **self.run_info, "validation": row}
+            log.write(json_line(row))
         metric = result.accuracy if result is not None else float(self.step)
         improved = metric > self.best_metric
         if improved:
             self.best_metric = metric
+        info = self._save_last(optimizer, scheduler, stream, log, validation=row)
+        if improved:
+            save_checkpoint(self.best_dir, self.learner, {**info, "best_metric": metric})
+        return row
+
+    def _save_last(self, optimizer, scheduler, stream, log, validation: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        """Save the `last` checkpoint (weights, what was trained how, and the state to resume exactly), with the
+        log flushed up to it; the first one also deletes the old run an --overwrite set aside. Returns its info."""
+        log.flush()
+        info = {"step": self.step, "train_seconds": self.train_seconds, "train_config": asdict(self.config),
+                **self.run_info, "validation": None if validation is None else json.loads(json_line(validation))}
+        if self._resumes:
+            info["resumed"] = self._resumes
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "stream": stream.state_dict(), "torch_rng": torch.get_rng_state(), "best_metric": self.best_metric,
                  "step": self.step, "train_seconds": self.train_seconds}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(self.last_dir, self.learner, info, state)
-        if improved:
-            save_checkpoint(self.best_dir, self.learner, {**info, "best_metric": metric})
-        return row
+        self._saved_at = time.perf_counter()
+        if self._replacing:
+            run_folder.discard_set_aside(self.run_dir)
+            self._replacing = False
+        return info
 
     def _restore(self, optimizer, scheduler, stream, rewrite_log: bool = True) -> None:
         read_info(self.last_dir)
