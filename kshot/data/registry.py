@@ -3,7 +3,7 @@ kind of dataset has a typed spec (its recipe section), checked before anything l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,7 +51,18 @@ class FolderSpec:
     rotations: Rotations | None = None
 
 
-DATASETS: dict[str, type] = {"omniglot": OmniglotSpec, "folder": FolderSpec}
+DatasetLoader = Callable[[dict[str, Any], str, "InputContract | None"], ClassDataset]
+"""(checked spec as a dict, split name, a model's contract or None) -> the split as a ClassDataset."""
+
+DATASETS: dict[str, tuple[type, DatasetLoader]] = {}
+"""Every dataset kind by its recipe name: its spec schema and its loader (see `register_dataset`)."""
+
+
+def register_dataset(name: str, spec: type, loader: DatasetLoader) -> None:
+    """Make a dataset kind usable by name in recipes, the CLI and `load_dataset`. `spec` is a STRICT pydantic
+    dataclass with a `name: Literal[name]` field; `loader(spec_dict, split, contract)` returns a ClassDataset whose
+    `contract` says how its files were decoded (and refuses a model contract it cannot honour)."""
+    DATASETS[name] = (spec, loader)
 
 
 def parse_dataset_spec(spec: Mapping[str, Any] | None, where: str = "dataset") -> dict[str, Any]:
@@ -62,7 +73,7 @@ def parse_dataset_spec(spec: Mapping[str, Any] | None, where: str = "dataset") -
     kind = spec["name"]
     if kind not in DATASETS:
         raise ConfigError(f"{where}.name: unknown dataset {kind!r}; choose one of {', '.join(DATASETS)}")
-    return as_dict(parse(DATASETS[kind], spec, where))
+    return as_dict(parse(DATASETS[kind][0], spec, where))
 
 
 def folder_splits(root: Path) -> list[str]:
@@ -111,22 +122,28 @@ def class_split(classes: int, fractions: Mapping[str, float]) -> dict[str, list[
     return split
 
 
+def _load_omniglot(spec: dict[str, Any], split: str, contract: InputContract | None) -> ClassDataset:
+    if split not in OMNIGLOT_SPLITS:
+        raise ConfigError(f"split {split!r} is not an Omniglot split; choose one of {', '.join(OMNIGLOT_SPLITS)}")
+    dataset = omniglot(split, root=spec["root"], image_size=spec["image_size"], archives=spec["archives"])
+    if contract is not None and contract != dataset.contract:
+        raise InputError(f"the model expects {contract.describe()} but Omniglot here is "
+                         f"{dataset.contract.describe()}; set dataset.image_size={contract.image_size}")
+    return dataset
+
+
+register_dataset("omniglot", OmniglotSpec, _load_omniglot)
+register_dataset("folder", FolderSpec, _folder_split)
+
+
 def load_dataset(spec: Mapping[str, Any], split: str, contract: InputContract | None = None,
                  augment: bool = False) -> ClassDataset:
     """The `split` of the dataset described by `spec` ({"name": ..., options}).
 
-    `contract` decodes a folder's files as a model expects (evaluation and prediction); `augment` applies the
-    spec's `rotations` (training-time class augmentation, never applied to evaluation splits)."""
+    `contract` decodes files as a model expects (evaluation and prediction); `augment` applies the spec's
+    `rotations` (training-time class augmentation, never applied to evaluation splits)."""
     spec = parse_dataset_spec(spec)
-    if spec["name"] == "omniglot":
-        if split not in OMNIGLOT_SPLITS:
-            raise ConfigError(f"split {split!r} is not an Omniglot split; choose one of {', '.join(OMNIGLOT_SPLITS)}")
-        dataset = omniglot(split, root=spec["root"], image_size=spec["image_size"], archives=spec["archives"])
-        if contract is not None and contract != dataset.contract:
-            raise InputError(f"the model expects {contract.describe()} but Omniglot here is "
-                             f"{dataset.contract.describe()}; set dataset.image_size={contract.image_size}")
-    else:
-        dataset = _folder_split(spec, split, contract)
+    dataset = DATASETS[spec["name"]][1](spec, split, contract)
     if augment and spec.get("rotations") is not None:
         dataset = dataset.with_rotations(tuple(spec["rotations"]))
     return dataset
