@@ -8,12 +8,33 @@ checkpointed, the replaced run's files in `.replaced/`.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from pathlib import Path
 
 from kshot.training.checkpoint import has_checkpoint, recover_checkpoints
+
+try:  # POSIX: flock; Windows: msvcrt's byte-range lock on the file's first byte, with the same meaning here
+    import fcntl
+
+    def _try_lock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+except ImportError:  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _try_lock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as error:
+            raise BlockingIOError(str(error)) from error
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
@@ -42,9 +63,12 @@ class RunLock:
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _try_lock(fd)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            try:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            except OSError:  # Windows refuses reads of a locked byte range
+                holder = "unknown"
             os.close(fd)
             folder = self.path.parent
             raise RunLockedError(f"{folder} is in use by another training process (pid {holder}, lock "
@@ -56,7 +80,7 @@ class RunLock:
     def release(self) -> None:
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            _unlock(self.fd)
             os.close(self.fd)
             self.fd = None
 
