@@ -141,7 +141,9 @@ class TrainConfig:
 
     `optimizer` None means the learner's own choice (`Learner.outer_optimizer`: Adam for most, plain SGD for
     Reptile, whose update is SGD on its surrogate loss); `momentum` None means the optimiser's usual (0.9 for
-    SGD, or the learner's). Checkpoints are written at every validation and, independently, every
+    SGD, or the learner's). Schedules: "step" multiplies lr by lr_decay every lr_decay_every steps, "multistep"
+    at each of lr_milestones (RFS: epochs 60 and 80 of 100), "linear" and "cosine" anneal lr to lr_final over
+    `steps`. Checkpoints are written at every validation and, independently, every
     `checkpoint_every` steps and `checkpoint_every_s` seconds (0 turns either off)."""
 
     ways: PositiveInt = 5
@@ -153,8 +155,9 @@ class TrainConfig:
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     momentum: Annotated[float, Field(ge=0, lt=1)] | None = None
-    lr_schedule: Literal["step", "linear"] = "step"
+    lr_schedule: Literal["step", "multistep", "linear", "cosine"] = "step"
     lr_decay_every: PositiveInt | None = None
+    lr_milestones: tuple[PositiveInt, ...] = ()
     lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.5
     lr_final: NonNegativeFloat = 0.0
     grad_clip: PositiveFloat | None = None

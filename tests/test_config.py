@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,22 @@ def test_recipe_round_trips_through_its_record():
     again = Recipe.from_dict(recipe.to_dict())
     assert again == recipe and dataclasses.asdict(again.train) == dataclasses.asdict(recipe.train)
     assert isinstance(recipe.train, TrainConfig) and Path  # typed sections
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ({"lr_schedule": "multistep", "lr_milestones": [6, 8], "lr_decay": 0.1}, [1, 1, 1, 1, 1, 1, .1, .1, .01, .01]),
+    ({"lr_schedule": "cosine"}, [0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(10)]),
+    ({"lr_schedule": "linear"}, [1 - s / 10 for s in range(10)]),
+])
+def test_learning_rate_schedules(schedule, expected):
+    config = TrainConfig.from_dict({"lr": 1.0, "steps": 10, **schedule})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = optim.build_scheduler(config, optimizer)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="lr_milestones"):
+        optim.build_scheduler(TrainConfig.from_dict({"lr_schedule": "multistep"}), optimizer)

@@ -3,6 +3,8 @@ the learner says it needs (`Learner.outer_optimizer`: Reptile's update is plain 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kshot.config import ConfigError, TrainConfig
@@ -35,10 +37,18 @@ def build_optimizer(config: TrainConfig, learner: Learner) -> torch.optim.Optimi
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule: lr_schedule "step" multiplies the rate by lr_decay every lr_decay_every steps
-    (never, if unset); "linear" anneals it from lr to lr_final over `steps` (Reptile's outer step size)."""
+    """The learning-rate schedule (see `TrainConfig`): "step" multiplies the rate by lr_decay every
+    lr_decay_every steps (never, if unset); "multistep" at each of lr_milestones; "linear" (Reptile's outer step
+    size) and "cosine" anneal it from lr to lr_final over `steps`."""
     if config.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every or 10**12, config.lr_decay)
+    if config.lr_schedule == "multistep":
+        if not config.lr_milestones:
+            raise ConfigError("train.lr_milestones: the multistep schedule needs milestones, e.g. [36000, 48000]")
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted(config.lr_milestones), config.lr_decay)
     final = config.lr_final / config.lr
     steps = max(config.steps, 1)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 + (final - 1) * min(step, steps) / steps)
