@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import kshot.pretrained  # noqa: F401  (registers the pretrained backbones, so checkpoints built on them load)
 from kshot.backbones import rebuildable, unrebuildable_message
 from kshot.batchnorm import BN_MODES, batchnorm_mode
 from kshot.config import ConfigError, TrainConfig, parse
@@ -257,6 +258,31 @@ class FewShotModel:
         if getattr(learner, "input_contract", None) is None:
             learner.input_contract = legacy_contract(info)
         return cls(learner, device=device, bn_mode=saved_bn_mode(info))
+
+    @classmethod
+    def pretrained(cls, name: str, learner: str = "simpleshot", device: str | torch.device | None = None,
+                   trainable: bool = False, **options: Any) -> FewShotModel:
+        """A model on the pretrained network `name` (see `kshot.pretrained.PRETRAINED`), ready to `adapt` to a
+        user's classes with no meta-training: nearest class centroid over its frozen features, L2-normalised
+        by default (SimpleShot's L2N: 11.7 points above ProtoNet's raw features 5-way 1-shot, level 5-shot, in
+        benchmarks/pretrained_photos.py; `learner="protonet"` for raw ones). Files are decoded with the network's
+        own preprocessing (`model.input_contract`); `model.pretrained_on` says which classes it has seen."""
+        from kshot.pretrained import pretrained_network
+
+        network = pretrained_network(name)
+        if learner == "simpleshot":
+            options.setdefault("normalize", "l2n")  # no base-class mean to centre on: the network is used as is
+        model = cls(learner, backbone={"name": name, "trainable": trainable}, device=device, **options)
+        model._build(network.contract.image_shape).input_contract = network.contract
+        return model
+
+    @property
+    def pretrained_on(self) -> str | None:
+        """What the backbone was pretrained on, for a model on a network of `kshot.pretrained` (else None)."""
+        from kshot.pretrained import PRETRAINED
+
+        network = PRETRAINED.get((getattr(self.learner, "backbone_spec", None) or {}).get("name"))
+        return network.pretrained_on if network is not None else None
 
 
 def saved_bn_mode(info: dict[str, Any]) -> str:

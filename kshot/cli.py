@@ -149,19 +149,34 @@ def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episo
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False), required=False)
+@click.option("--backbone", metavar="NAME", help="Instead of CHECKPOINT: a pretrained network (efficientnet-lite0), "
+              "used as is with no meta-training: nearest class centroid over its features.")
 @click.option("--support", type=click.Path(exists=True, file_okay=False), required=True,
               help="Folder with one sub-folder of example images per class.")
 @click.option("--query", "queries", type=click.Path(exists=True), required=True, multiple=True,
               help="Image file or folder of images to classify (repeatable).")
 @click.option("--device", default="auto", show_default=True)
-def predict(checkpoint: str, support: str, queries: tuple[str, ...], device: str) -> None:
-    """Adapt a trained model to the classes in --support and classify the --query images. Files are decoded
-    with the model's own input contract (size, channels, resize filter, polarity), as at training."""
+def predict(checkpoint: str | None, backbone: str | None, support: str, queries: tuple[str, ...],
+            device: str) -> None:
+    """Adapt a trained model (CHECKPOINT) or a pretrained network (--backbone NAME) to the classes in --support
+    and classify the --query images, one line each. Files are decoded with the model's own input contract
+    (size, channels, resize filter, polarity, normalisation), as at training."""
     from kshot.api import FewShotModel
     from kshot.data.folder import image_files
 
-    model = FewShotModel.load(checkpoint, device=_device(device))
+    if checkpoint is not None and backbone is not None:
+        raise click.UsageError("give a trained CHECKPOINT or --backbone NAME, not both")
+    if checkpoint is None and backbone is None:
+        raise click.UsageError("give a trained CHECKPOINT, or --backbone NAME to use a pretrained network as is "
+                               "(e.g. --backbone efficientnet-lite0)")
+    if backbone is not None:
+        from kshot.pretrained import pretrained_network
+
+        model = FewShotModel.pretrained(backbone, device=_device(device))
+        click.echo(f"note: {pretrained_network(backbone).note()}", err=True)
+    else:
+        model = FewShotModel.load(checkpoint, device=_device(device))
     classifier = model.adapt(support)
     files: list[Path] = []
     for query in map(Path, queries):
@@ -183,13 +198,20 @@ def plot(run_dir: str, out: str | None) -> None:
 
 
 @cli.command()
-@click.argument("dataset", type=click.Choice(["omniglot"]))
+@click.argument("dataset", type=click.Choice(["omniglot", "miniimagenet"]))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Where datasets are cached ($KSHOT_DATA).")
 @click.option("--archives", type=click.Path(exists=True, file_okay=False),
               help="Use local archives instead of downloading (checked by contents).")
 @click.option("--image-size", type=int, default=28, show_default=True)
 def download(dataset: str, data_root: str | None, archives: str | None, image_size: int) -> None:
-    """Download, verify and convert a dataset once, so training starts straight away."""
+    """Download, verify and convert a dataset once, so training starts straight away. For miniimagenet,
+    --archives is the source folder (default $KSHOT_MINIIMAGENET); its images cannot be downloaded."""
+    if dataset == "miniimagenet":
+        from kshot.data.miniimagenet import SPLITS, miniimagenet
+
+        for split in SPLITS:
+            click.echo(f"ready: {miniimagenet(split, root=data_root, source=archives)}")
+        return
     from kshot.data.omniglot import load_omniglot
 
     data = load_omniglot(data_root, image_size=image_size, archives=archives)

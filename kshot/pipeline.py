@@ -158,7 +158,8 @@ def train_recipe(recipe: Recipe, run_dir: str | Path, device: str = "cpu", resum
     learner = build_learner(recipe.learner, train.image_shape, recipe.backbone, recipe.options)
     learner.input_contract = train.contract
     run_info = {"recipe": recipe.to_dict(), "commit": current_commit(), "bn_mode": recipe.bn_mode}
-    trainer = Trainer(learner, recipe.train, run_dir, device=device, progress=progress, run_info=run_info)
+    trainer = Trainer(learner, recipe.train, run_dir, device=device, progress=progress, run_info=run_info,
+                      augment=recipe.augment)
     history = trainer.fit(train, val, resume=resume, overwrite=overwrite)
     best, _ = load_learner(trainer.best_dir, map_location=device)
     return TrainedRun(best, Path(run_dir), history, trainer.train_seconds, trainer.step)

@@ -48,7 +48,7 @@ class PretrainedNetwork:
     def note(self) -> str:
         """One line for users: which classes the network has seen, so they know what 'few-shot' means here."""
         return (f"{self.name} was pretrained on {self.pretrained_on}; no meta-training: each query goes to the "
-                f"nearest class centroid of its frozen features")
+                f"nearest class centroid of its frozen, L2-normalised features")
 
 
 def _efficientnet_lite(variant: str) -> Callable[[], nn.Module]:

@@ -29,6 +29,7 @@ from kshot.config import (
     parse_yaml,
     unknown_key_message,
 )
+from kshot.data.augment import parse_augment_spec
 from kshot.data.registry import parse_dataset_spec
 from kshot.learners import learner_class
 from kshot.training.optim import optimizer_settings
@@ -71,6 +72,9 @@ class Recipe:
     options: dict[str, Any] = field(default_factory=dict)
     splits: dict[str, Any] = field(default_factory=lambda: as_dict(Splits()))
     evaluate: list[EvalSetting] = field(default_factory=list)
+    augment: dict[str, Any] | None = None
+    """Training augmentation (`kshot.data.augment.AugmentConfig`), e.g. {crop: {kind: random_resized}, flip: 0.5,
+    jitter: {}}; None: none. Applied to training batches only, never to validation or test episodes."""
     bn_mode: Literal["inference", "transductive"] = "inference"
     reference: str = ""
     description: str = ""
@@ -105,6 +109,7 @@ class Recipe:
                        backbone=parse_backbone_spec(data.get("backbone")), options=options,
                        splits=as_dict(parse(Splits, data.get("splits"), "splits")),
                        evaluate=[parse(EvalSetting, s, f"evaluate[{i}]") for i, s in enumerate(evaluate)],
+                       augment=parse_augment_spec(data.get("augment")),
                        bn_mode=text.bn_mode, reference=text.reference, description=text.description)
         except RecipeError:
             raise

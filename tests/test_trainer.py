@@ -132,7 +132,7 @@ def test_linear_schedule_anneals_the_rate_to_lr_final(data, tmp_path):
 
 def test_unknown_schedule_is_a_clear_error(data, tmp_path):
     with pytest.raises(ValueError, match="lr_schedule"):
-        Trainer(make(data), config(2, lr_schedule="cosine"), tmp_path, progress=False).fit(data)
+        Trainer(make(data), config(2, lr_schedule="exponential"), tmp_path, progress=False).fit(data)
 
 
 def logged(run, key):

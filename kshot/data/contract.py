@@ -7,6 +7,10 @@ with the model's contract, so the same raw file gives the same tensor at trainin
 
 Two stages: `decode` turns a file into uint8 [C, S, S] (what datasets store), and `to_model` turns uint8 (or
 float in [0, 1]) into the float tensor the network sees (scale to [0, 1], then optional per-channel mean/std).
+
+Training augmentation (`kshot.data.augment`) is not part of the contract: it is never applied at evaluation or
+prediction, and a contract travels onto every dataset decoded with it and is compared for equality with theirs.
+It is recorded beside the contract instead, as `train_augmentation` in the model's checkpoint.json.
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ def write_image_cache(folder: Path, classes: Iterable[tuple[str, Iterable[np.nda
             json.dump(index, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
+        staging.chmod(0o755)  # mkdtemp makes it private to this user; a cache is as readable as other data
         try:
             os.rename(staging, folder)
         except OSError:

@@ -12,11 +12,16 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from kshot.config import STRICT, ConfigError, Fraction, PositiveInt, as_dict, parse
+from kshot.data.cifar import CifarFSSpec, FC100Spec, load_cifar_spec
 from kshot.data.contract import InputContract, InputError, ResizeFilter
+from kshot.data.cub import CubSpec, load_cub_spec
 from kshot.data.dataset import ClassDataset
 from kshot.data.folder import class_folders, image_files, image_folder, infer_contract
+from kshot.data.miniimagenet import SPLITS as MINIIMAGENET_SPLITS
+from kshot.data.miniimagenet import miniimagenet
 from kshot.data.omniglot import SPLITS as OMNIGLOT_SPLITS
 from kshot.data.omniglot import omniglot
+from kshot.data.tiered import TieredImageNetSpec, load_tiered_spec
 
 FOLDER_SPLITS = ("train", "val", "test")
 Rotations = tuple[Annotated[int, Field(multiple_of=90)], ...]
@@ -134,6 +139,37 @@ def _load_omniglot(spec: dict[str, Any], split: str, contract: InputContract | N
 
 register_dataset("omniglot", OmniglotSpec, _load_omniglot)
 register_dataset("folder", FolderSpec, _folder_split)
+register_dataset("cifar-fs", CifarFSSpec, load_cifar_spec)
+register_dataset("fc100", FC100Spec, load_cifar_spec)
+register_dataset("cub", CubSpec, load_cub_spec)
+register_dataset("tiered-imagenet", TieredImageNetSpec, load_tiered_spec)
+
+
+@dataclass(config=STRICT)
+class MiniImageNetSpec:
+    """miniImageNet, Ravi & Larochelle's 64 / 16 / 20 class split, 84x84 RGB. `source`: a folder of train/ val/
+    test/ class folders, of images/ with the split CSVs, or of mini-imagenet-cache-*.pkl (default
+    $KSHOT_MINIIMAGENET; only needed until the split is cached under `root`); `check: false` accepts a subset."""
+
+    name: Literal["miniimagenet"] = "miniimagenet"
+    source: str | None = None
+    root: str | None = None
+    check: bool = True
+    rotations: Rotations | None = None
+
+
+def _load_miniimagenet(spec: dict[str, Any], split: str, contract: InputContract | None) -> ClassDataset:
+    if split not in MINIIMAGENET_SPLITS:
+        raise ConfigError(f"split {split!r} is not a miniImageNet split; choose one of "
+                          f"{', '.join(MINIIMAGENET_SPLITS)}")
+    dataset = miniimagenet(split, root=spec["root"], source=spec["source"], check=spec["check"])
+    if contract is not None and contract != dataset.contract:
+        raise InputError(f"the model expects {contract.describe()} but miniImageNet is "
+                         f"{dataset.contract.describe()}; evaluate this model on data decoded its way")
+    return dataset
+
+
+register_dataset("miniimagenet", MiniImageNetSpec, _load_miniimagenet)
 
 
 def load_dataset(spec: Mapping[str, Any], split: str, contract: InputContract | None = None,

@@ -29,7 +29,7 @@ ALLOWED_GLOBALS = frozenset({
 })
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A pickle that names a callable other than those NumPy arrays and plain containers need."""
 
 

@@ -5,7 +5,9 @@ Model-agnostic through `torch.func.functional_call`: the inner loop updates a di
 module. Batch norm: during training the inner loop and the query pass use batch statistics (the learner is
 in train mode, as in the MAML reference code); at test the evaluator's bn_mode decides (the MAML recipes use
 "transductive", the paper's). Memory bounds: `first_order`, fewer `inner_steps`, or `per_task_backward`,
-which backpropagates each task as soon as its loss is known so that only one task's graph is alive.
+which backpropagates each task as soon as its loss is known so that only one task's graph is alive; the first
+meta-step of each setting warns if it is estimated to need more memory than the device has free (the estimate
+and what it was fitted on: `kshot.backbones.memory`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
+from kshot.backbones.memory import check_maml_memory
 from kshot.config import STRICT, NonNegativeFloat, PositiveFloat
 from kshot.episode import Episode
 from kshot.learners.base import Predictor
@@ -115,6 +118,7 @@ class MAML(FunctionalLearner):
     def loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
         """Mean query loss after the inner loop over the tasks of a meta-batch (or one episode)."""
         batch = self.check_episode(batch)
+        check_maml_memory(self, batch)  # a one-line warning if the meta-step is estimated not to fit
         strategy = pick_strategy(self, self.options["strategy"], batch.support_x.device)
         if strategy == "vmap" and not self.options["per_task_backward"]:
             losses, outputs = self.vmap_losses(batch)

@@ -31,6 +31,10 @@ def build_optimizer(config: TrainConfig, learner: Learner) -> torch.optim.Optimi
     """The outer optimiser over the learner's `outer_parameters` that require gradients."""
     name, momentum = optimizer_settings(config, learner)
     params = [p for p in learner.outer_parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"the {learner.name} learner has nothing to train (every parameter is frozen, as a "
+                          f"pretrained backbone is by default); use it without training, or build it with "
+                          f"backbone={{'name': ..., 'trainable': true}} to fine-tune")
     if name == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)

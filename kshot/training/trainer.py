@@ -20,6 +20,7 @@ import torch
 
 from kshot import distributed
 from kshot.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from kshot.data.augment import AugmentConfig, BatchAugmenter, parse_augment_spec
 from kshot.data.dataset import ClassDataset
 from kshot.data.sampler import EpisodeSet
 from kshot.episode import Episode
@@ -72,8 +73,10 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed_settings(saved: dict[str, Any], config: TrainConfig, run_info: dict[str, Any]
                      ) -> dict[str, tuple[Any, Any]]:
     """Settings that differ between a checkpoint's info and the run about to resume it, as {dotted key: (was,
-    now)}: the training settings, and the recipe (when both record one) without its train and evaluate parts."""
+    now)}: the training settings, the training augmentation, and the recipe (when both record one) without its
+    train and evaluate parts."""
     before, after = {"train": dict(saved.get("train_config") or {})}, {"train": _plain(asdict(config))}
+    before["augment"], after["augment"] = saved.get("train_augmentation"), run_info.get("train_augmentation")
     for key in list(after["train"]):
         if key not in before["train"]:  # a setting newer than the checkpoint: nothing to compare it with
             del after["train"][key]
@@ -96,15 +99,20 @@ def move(batch: Any, device: torch.device) -> Any:
 
 
 class Trainer:
-    """Train `learner` into `run_dir` (which holds checkpoints/, metrics.jsonl)."""
+    """Train `learner` into `run_dir` (which holds checkpoints/, metrics.jsonl).
+
+    `augment` (an `AugmentConfig` or its dict, e.g. a recipe's augment section) augments every training batch on
+    the training device (`kshot.data.augment`), never validation; checkpoint.json records it as
+    `train_augmentation`, beside the model's input contract."""
 
     def __init__(self, learner: Learner, config: TrainConfig, run_dir: str | Path,
-                 device: str | torch.device = "cpu", progress: bool = True, run_info: dict[str, Any] | None = None
-                 ) -> None:
+                 device: str | torch.device = "cpu", progress: bool = True, run_info: dict[str, Any] | None = None,
+                 augment: AugmentConfig | dict[str, Any] | None = None) -> None:
         self.learner, self.config, self.run_dir = learner, config, Path(run_dir)
         self.device = distributed.local_device(device)
         self.progress = progress
-        self.run_info = dict(run_info or {})
+        self.run_info = {**(run_info or {}), "train_augmentation": parse_augment_spec(augment)}
+        self._augmenter: BatchAugmenter | None = None
         self.best_metric = -math.inf
         self.step = 0
         self.train_seconds = 0.0
@@ -180,6 +188,11 @@ class Trainer:
         self.learner.to(self.device)
         stream = self.learner.training_stream(train, EpisodeShape(config.ways, config.shots, config.queries,
                                                                   config.meta_batch), seed=config.seed)
+        augment = self.run_info["train_augmentation"]
+        if augment is not None and not AugmentConfig.from_dict(augment).is_identity:
+            contract = getattr(train, "contract", None)  # un-normalise its mean/std around the augmentation
+            self._augmenter = BatchAugmenter(augment, seed=config.seed, mean=getattr(contract, "mean", None),
+                                             std=getattr(contract, "std", None))
         optimizer = build_optimizer(config, self.learner)
         scheduler = build_scheduler(config, optimizer)
         val_set = None
@@ -207,6 +220,8 @@ class Trainer:
                 if out_of_time:
                     break
                 batch = next(stream)
+                if self._augmenter is not None:  # on the device, before the batch is split between processes,
+                    batch = self._augmenter(move(batch, self.device))  # so any process count sees the same images
                 if group is not None:
                     batch = distributed.shard(batch, group.rank, group.world_size)
                 batch = move(batch, self.device)
@@ -394,6 +409,8 @@ class Trainer:
                  "step": self.step, "train_seconds": self.train_seconds}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self._augmenter is not None:
+            state["augment_rng"] = self._augmenter.get_state()  # a uint8 tensor, as weights_only loading needs
         save_checkpoint(self.last_dir, self.learner, info, state)
         self._saved_at = time.perf_counter()
         if self._replacing:
@@ -411,6 +428,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self._augmenter is not None and "augment_rng" in state:
+            self._augmenter.set_state(state["augment_rng"])
         self.best_metric = state["best_metric"]
         self.step = state["step"]
         self.train_seconds = state["train_seconds"]
