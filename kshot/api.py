@@ -24,6 +24,7 @@ import kshot.pretrained  # noqa: F401  (registers the pretrained backbones, so c
 from kshot.backbones import rebuildable, unrebuildable_message
 from kshot.batchnorm import BN_MODES, batchnorm_mode
 from kshot.config import ConfigError, TrainConfig, parse
+from kshot.data.augment import parse_augment_spec
 from kshot.data.contract import InputContract, InputError, check_images, require_contract
 from kshot.data.dataset import ClassDataset, to_float
 from kshot.data.folder import image_files, image_folder
@@ -136,14 +137,16 @@ class FewShotModel:
 
     # ------------------------------------------------------------------------------------------ training
     def fit(self, train: ClassDataset, val: ClassDataset | None = None, run_dir: str | Path | None = None,
-            resume: bool = False, overwrite: bool = False, progress: bool = True, **settings: Any
-            ) -> list[dict[str, Any]]:
+            resume: bool = False, overwrite: bool = False, progress: bool = True,
+            augment: dict[str, Any] | None = None, **settings: Any) -> list[dict[str, Any]]:
         """Meta-train on `train` (validating on `val`); settings are `TrainConfig` fields (ways, shots, steps...),
         all checked before training starts. The outer optimiser is the learner's own unless set (Reptile: SGD).
+        `augment` (e.g. {"crop": {"kind": "random_resized"}, "flip": 0.5}) augments training batches only.
 
         Ends on the best weights by validation (the last ones without `val`), as the CLI does. Without
         `run_dir`, checkpoints go to a temporary folder that is removed afterwards."""
         config = settings.pop("config", None) or TrainConfig.from_dict(settings)
+        augment = parse_augment_spec(augment)
         optimizer_settings(config, self._learner_class())
         if self._learner_class().trains_on_episodes:
             check_request(train, config.ways, config.shots, config.queries)
@@ -161,13 +164,14 @@ class FewShotModel:
             learner.input_contract = train.contract
         if run_dir is None:
             with tempfile.TemporaryDirectory(prefix="kshot-run-") as folder:
-                return self._fit(learner, config, train, val, Path(folder), resume, overwrite, progress)
-        return self._fit(learner, config, train, val, Path(run_dir), resume, overwrite, progress)
+                return self._fit(learner, config, train, val, Path(folder), resume, overwrite, progress, augment)
+        return self._fit(learner, config, train, val, Path(run_dir), resume, overwrite, progress, augment)
 
     def _fit(self, learner: Learner, config: TrainConfig, train: ClassDataset, val: ClassDataset | None,
-             run_dir: Path, resume: bool, overwrite: bool, progress: bool) -> list[dict[str, Any]]:
+             run_dir: Path, resume: bool, overwrite: bool, progress: bool, augment: dict[str, Any] | None
+             ) -> list[dict[str, Any]]:
         trainer = Trainer(learner, config, run_dir, device=self.device, progress=progress,
-                          run_info={"bn_mode": self.bn_mode})
+                          run_info={"bn_mode": self.bn_mode}, augment=augment)
         self.history = trainer.fit(train, val, resume=resume, overwrite=overwrite)
         load_learner_weights(learner, trainer.best_dir, self.device)
         self.run_dir = run_dir

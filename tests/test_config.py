@@ -171,3 +171,11 @@ def test_learning_rate_schedules(schedule, expected):
     assert rates == pytest.approx(expected)
     with pytest.raises(ConfigError, match="lr_milestones"):
         optim.build_scheduler(TrainConfig.from_dict({"lr_schedule": "multistep"}), optimizer)
+
+
+def test_api_fit_takes_a_checked_augmentation():
+    data = synthetic_dataset(classes=6, per_class=6, size=16, channels=3)
+    model = FewShotModel("protonet", backbone={"name": "conv4", "hidden": 8}, device="cpu")
+    with pytest.raises(ConfigError, match="augment.flipp"):
+        model.fit(data, ways=3, shots=1, queries=1, steps=1, val_every=0, progress=False, augment={"flipp": 0.5})
+    model.fit(data, ways=3, shots=1, queries=1, steps=1, val_every=0, progress=False, augment={"flip": 0.5})
