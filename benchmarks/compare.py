@@ -9,7 +9,8 @@ one the runs were trained with (they must agree). A run is scored only on the se
 one method that cover different settings (matching-1shot, matching-5shot) share a row of the table.
 One `EpisodeSet` per N-way K-shot setting, with the same
 seed for every run, is built once and given to every learner; the dataset fingerprint and a digest of the
-episodes' indices are printed and recorded, to show that the episodes were identical.
+episodes' indices are printed and recorded, to show that the episodes were identical. Each row also records
+the expected calibration error (ECE, 15 bins, all queries pooled; see kshot/calibration.py).
 """
 
 from __future__ import annotations
@@ -146,18 +147,20 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
                    "episodes": episodes, "seed": seed, "bn_mode": mode}
             earlier = reusable(previous, key)
             if earlier is not None:
-                print(f"  {label:40s} {earlier['accuracy']:6.2f} +- {earlier['ci95']:.2f}  (reused)", flush=True)
+                print(f"  {label:40s} {earlier['accuracy']:6.2f} +- {earlier['ci95']:.2f}  ECE {ece_cell(earlier)}"
+                      "  (reused)", flush=True)
                 rows.append({**earlier, "run": label, "checkpoint": str(folder)})
                 continue
             result = evaluate(learner, episode_set, bn_mode=mode, device=device, progress=progress)
-            print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ({result.seconds:.0f} s)",
-                  flush=True)
+            print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ECE {ece_cell(result.as_row())}"
+                  f"  ({result.seconds:.0f} s)", flush=True)
             rows.append({
                 "method": learner.name, "run": label, "checkpoint": str(folder), "dataset": dataset.name,
                 "dataset_fingerprint": fingerprint, "episodes_digest": digest,
                 "weights_digest": key["weights_digest"], "ways": ways, "shots": shots,
                 "queries": queries, "episodes": episodes, "seed": seed, "accuracy": round(result.accuracy, 3),
-                "ci95": round(result.ci95, 3), "bn_mode": mode, "train_steps": info.get("step"),
+                "ci95": round(result.ci95, 3), "ece": None if result.ece is None else round(result.ece, 3),
+                "bn_mode": mode, "train_steps": info.get("step"),
                 "train_seconds": round(info.get("train_seconds", 0.0), 1),
                 "eval_seconds": round(result.seconds, 1), "device": device_name(device), "commit": commit,
                 "date": today})
@@ -165,7 +168,8 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
 
 
 def section(rows: list[dict[str, Any]]) -> str:
-    """Markdown for BENCHMARKS.md: one table per comparison, runs as rows and settings as columns."""
+    """Markdown for BENCHMARKS.md: one table per comparison, runs as rows and settings as columns (accuracy
+    columns, then one ECE column per setting; empty for rows written before ECE was recorded)."""
     parts = []
     for name in sorted({r.get("comparison", RESULT_PREFIX) for r in rows}):
         group = [r for r in rows if r.get("comparison", RESULT_PREFIX) == name]
@@ -179,12 +183,14 @@ def section(rows: list[dict[str, Any]]) -> str:
                  f"episode seed {first['seed']}: every "
                  f"run was scored on the same episodes (digests below). Device: {first['device']}.", "",
                  "| method | runs | steps of the evaluated checkpoint | its train time | "
-                 + " | ".join(f"{w}-way {k}-shot" for w, k in settings) + " |",
-                 "|---|---|---|---|" + "---|" * len(settings)]
+                 + " | ".join(f"{w}-way {k}-shot" for w, k in settings) + " | "
+                 + " | ".join(f"ECE % {w}-way {k}-shot" for w, k in settings) + " |",
+                 "|---|---|---|---|" + "---|" * 2 * len(settings)]
         for name in dict.fromkeys(row_of[id(r)] for r in group):
             members = list({r["run"]: r for r in group if row_of[id(r)] == name}.values())
             values = [f"{cells[name, w, k]['accuracy']:.2f} +- {cells[name, w, k]['ci95']:.2f}"
                       if (name, w, k) in cells else "" for w, k in settings]
+            values += [ece_cell(cells.get((name, w, k), {})) for w, k in settings]
             steps = " / ".join(str(r.get("train_steps", "")) for r in members)
             minutes = " / ".join(f"{(r.get('train_seconds') or 0) / 60:.1f}" for r in members)
             runs = ", ".join(r["run"] for r in members)
@@ -196,6 +202,11 @@ def section(rows: list[dict[str, Any]]) -> str:
         lines += ["", "Command:", ""] + [f"- `{c}`" for c in commands]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def ece_cell(row: dict[str, Any]) -> str:
+    """A row's ECE for a table cell, or an empty string when it has none (regression, or an older row)."""
+    return "" if row.get("ece") is None else f"{row['ece']:.2f}"
 
 
 def table_row_name(row: dict[str, Any], group: list[dict[str, Any]]) -> str:

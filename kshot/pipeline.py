@@ -185,7 +185,7 @@ def evaluate_recipe(learner: Learner, recipe: Recipe, device: str = "cpu", bn_mo
 
 def result_rows(recipe: Recipe, results: list[EvaluationResult], train_seconds: float, steps: int,
                 device: str) -> list[dict[str, Any]]:
-    """Rows in the benchmark results format (accuracy and ci95 in percent)."""
+    """Rows in the benchmark results format (accuracy, ci95 and ece in percent; ece None for regression)."""
     commit = current_commit()
     rows = []
     for setting, result in zip(recipe.evaluate, results):
@@ -193,6 +193,7 @@ def result_rows(recipe: Recipe, results: list[EvaluationResult], train_seconds: 
                      "ways": result.ways, "shots": result.shots, "queries": result.queries,
                      "episodes": result.episodes, "accuracy": round(result.accuracy, 3),
                      "ci95": round(result.ci95, 3) if math.isfinite(result.ci95) else None,
+                     "ece": None if result.ece is None else round(result.ece, 3),
                      "paper": setting.paper, "bn_mode": result.bn_mode, "train_steps": steps,
                      "train_seconds": round(train_seconds, 1), "eval_seconds": round(result.seconds, 1),
                      "device": device_name(device), "commit": commit, "date": time.strftime("%Y-%m-%d")})

@@ -21,7 +21,7 @@ IMAGE = (1, 12, 12)
 CONV = {"name": "conv4", "hidden": 4, "depth": 2}
 BACKBONES = {"relation": {**CONV, "flatten": False}}
 WRONG_TYPE = {  # one wrong-typed value for each learner that takes options
-    "matching": ("processing_steps", "five"), "relation": ("relation_hidden", 2.5),
+    "matching": ("processing_steps", "five"), "r2d2": ("lambda_init", "big"), "relation": ("relation_hidden", 2.5),
     "maml": ("first_order", "sometimes"), "anil": ("inner_lr", "fast"), "metasgd": ("inner_lr_range", "wide"),
     "reptile": ("test_inner_batch_size", True), "siamese": ("margin", "big"), "baseline": ("adapt_batch_size", 2.5),
     "baseline++": ("scale", "large"), "simpleshot": ("mean_momentum", "slow")}

@@ -14,6 +14,7 @@ from kshot.learners.baseline import Baseline, BaselinePlusPlus
 from kshot.learners.maml import ANIL, MAML, MetaSGD
 from kshot.learners.matching import MatchingNet
 from kshot.learners.protonet import ProtoNet
+from kshot.learners.r2d2 import R2D2
 from kshot.learners.relation import RelationNet
 from kshot.learners.reptile import Reptile
 from kshot.learners.siamese import SiameseNet
@@ -21,7 +22,7 @@ from kshot.learners.simpleshot import SimpleShot
 
 LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (ProtoNet, MatchingNet, RelationNet,
                                                                   MAML, ANIL, MetaSGD, Reptile, SiameseNet,
-                                                                  Baseline, BaselinePlusPlus, SimpleShot)}
+                                                                  Baseline, BaselinePlusPlus, SimpleShot, R2D2)}
 
 
 def register(cls: type[Learner]) -> type[Learner]:
