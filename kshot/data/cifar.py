@@ -20,7 +20,6 @@ Splits, stated here as code:
 from __future__ import annotations
 
 import gzip
-import os
 import tarfile
 import zlib
 from collections.abc import Mapping
@@ -32,9 +31,9 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from kshot.config import STRICT
-from kshot.data.contract import InputContract, InputError
+from kshot.data.contract import InputContract, check_decoded_as
 from kshot.data.dataset import ClassDataset
-from kshot.data.download import download as download_file
+from kshot.data.download import local_or_download
 from kshot.data.image_cache import cache_folder, read_image_cache, write_image_cache
 from kshot.data.paths import data_root
 from kshot.data.safe_pickle import UnsafePickleError, safe_loads
@@ -97,19 +96,8 @@ def cifar_contract() -> InputContract:
 def find_archive(root: str | Path | None, archive: str | Path | None, download: bool) -> Path:
     """The CIFAR-100 archive: `archive`, else $KSHOT_CIFAR100_ARCHIVE, else the copy under the data root, else a
     download from the canonical URL (checked by md5, written atomically)."""
-    given = archive if archive is not None else os.environ.get(ARCHIVE_ENV) or None
-    if given is not None:
-        path = Path(given).expanduser()
-        if not path.is_file():
-            raise CifarError(f"{path} not found: point dataset.archive or {ARCHIVE_ENV} at {ARCHIVE_NAME}")
-        return path
-    path = data_root(root) / "cifar-100" / ARCHIVE_NAME
-    if path.is_file():
-        return path
-    if not download:
-        raise CifarError(f"{path} not found and download=False; pass download=True, or point {ARCHIVE_ENV} at a "
-                         f"copy of {ARCHIVE_NAME} ({ARCHIVE_URL})")
-    return download_file(ARCHIVE_URL, path, md5=ARCHIVE_MD5)
+    cached = data_root(root) / "cifar-100" / ARCHIVE_NAME
+    return local_or_download(archive, ARCHIVE_ENV, cached, ARCHIVE_URL, ARCHIVE_MD5, download, CifarError)
 
 
 def read_archive(path: Path) -> dict[str, Any]:
@@ -298,8 +286,5 @@ class FC100Spec:
 def load_cifar_spec(spec: dict[str, Any], split: str, contract: InputContract | None) -> ClassDataset:
     """The registry's loader for both kinds; a model contract other than 32x32 RGB is refused."""
     dataset = cifar_split(spec["name"], split, root=spec["root"], archive=spec["archive"], check=spec["check"])
-    if contract is not None and contract != dataset.contract:
-        raise InputError(f"the model expects {contract.describe()} but {spec['name']} is "
-                         f"{dataset.contract.describe()}; train a model on it, or choose a dataset of that shape")
-    return dataset
+    return check_decoded_as(contract, dataset, "train a model on it, or choose a dataset of that shape")
 

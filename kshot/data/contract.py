@@ -175,6 +175,15 @@ def check_images(images: Tensor, where: str = "images") -> Tensor:
     return images
 
 
+def check_decoded_as(expected: InputContract | None, dataset: Any, fix: str) -> Any:
+    """`dataset` (a ClassDataset) if it was decoded as a model `expected` (or no model contract is given), else a
+    one-line InputError saying how it differs and `fix`."""
+    if expected is not None and dataset.contract != expected:
+        raise InputError(f"the model expects {expected.describe()} but {dataset.name} is "
+                         f"{dataset.contract.describe()}; {fix}")
+    return dataset
+
+
 def omniglot_contract(image_size: int = 28) -> InputContract:
     """Omniglot as kshot stores it: grey, LANCZOS resize, strokes inverted to light on dark."""
     return InputContract(channels=1, image_size=image_size, resize="lanczos", invert=True)

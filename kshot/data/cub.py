@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import re
 import tarfile
 import zlib
@@ -33,9 +32,9 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from kshot.config import STRICT
-from kshot.data.contract import InputContract, InputError
+from kshot.data.contract import InputContract, InputError, check_decoded_as
 from kshot.data.dataset import ClassDataset
-from kshot.data.download import download as download_file
+from kshot.data.download import local_or_download
 from kshot.data.image_cache import cache_folder, read_image_cache, write_image_cache
 from kshot.data.paths import data_root
 from kshot.progress import progress_bar
@@ -71,19 +70,8 @@ def chen_split(class_names: list[str]) -> dict[str, list[str]]:
 def find_archive(root: str | Path | None, archive: str | Path | None, download: bool) -> Path:
     """The CUB archive: `archive`, else $KSHOT_CUB_ARCHIVE, else the copy under the data root, else a download
     from the canonical URL (checked by md5, written atomically)."""
-    given = archive if archive is not None else os.environ.get(ARCHIVE_ENV) or None
-    if given is not None:
-        path = Path(given).expanduser()
-        if not path.is_file():
-            raise CubError(f"{path} not found: point dataset.archive or {ARCHIVE_ENV} at {ARCHIVE_NAME}")
-        return path
-    path = data_root(root) / "cub" / ARCHIVE_NAME
-    if path.is_file():
-        return path
-    if not download:
-        raise CubError(f"{path} not found and download=False; pass download=True, or point {ARCHIVE_ENV} at a "
-                       f"copy of {ARCHIVE_NAME} ({ARCHIVE_URL})")
-    return download_file(ARCHIVE_URL, path, md5=ARCHIVE_MD5)
+    return local_or_download(archive, ARCHIVE_ENV, data_root(root) / "cub" / ARCHIVE_NAME, ARCHIVE_URL, ARCHIVE_MD5,
+                             download, CubError)
 
 
 def read_archive(path: Path, image_size: int, check: bool, progress: bool) -> dict[str, list[np.ndarray]]:
@@ -167,7 +155,4 @@ def load_cub_spec(spec: dict[str, Any], split: str, contract: InputContract | No
     """The registry's loader; a model contract other than the cache's is refused in one line."""
     dataset = cub(split, root=spec["root"], image_size=spec["image_size"], archive=spec["archive"],
                   check=spec["check"])
-    if contract is not None and contract != dataset.contract:
-        raise InputError(f"the model expects {contract.describe()} but CUB here is {dataset.contract.describe()}; "
-                         f"set dataset.image_size={contract.image_size}")
-    return dataset
+    return check_decoded_as(contract, dataset, f"set dataset.image_size={contract and contract.image_size}")

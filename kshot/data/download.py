@@ -63,3 +63,21 @@ def download(url: str, target: Path, md5: str | None, progress: bool = True, tim
                 raise DownloadError(f"{url}: md5 {found} does not match the expected {md5}; the file is "
                                     f"corrupt or truncated and was not kept")
     return target
+
+
+def local_or_download(given: str | Path | None, env: str, cached: Path, url: str, md5: str, download_missing: bool,
+                      error: type[Exception], setting: str = "dataset.archive") -> Path:
+    """A dataset archive: `given`, else $`env`, else the copy at `cached` (under the data root), else a download
+    from `url` checked by `md5` and written atomically; a missing local copy is an `error` saying what to set."""
+    chosen = given if given is not None else os.environ.get(env) or None
+    if chosen is not None:
+        path = Path(chosen).expanduser()
+        if not path.is_file():
+            raise error(f"{path} not found: point {setting} or {env} at {cached.name}")
+        return path
+    if cached.is_file():
+        return cached
+    if not download_missing:
+        raise error(f"{cached} not found and download=False; pass download=True, or point {env} at a copy of "
+                    f"{cached.name} ({url})")
+    return download(url, cached, md5=md5)

@@ -13,7 +13,7 @@ from pydantic.dataclasses import dataclass
 
 from kshot.config import STRICT, ConfigError, Fraction, PositiveInt, as_dict, parse
 from kshot.data.cifar import CifarFSSpec, FC100Spec, load_cifar_spec
-from kshot.data.contract import InputContract, InputError, ResizeFilter
+from kshot.data.contract import InputContract, InputError, ResizeFilter, check_decoded_as
 from kshot.data.cub import CubSpec, load_cub_spec
 from kshot.data.dataset import ClassDataset
 from kshot.data.folder import class_folders, image_files, image_folder, infer_contract
@@ -131,10 +131,7 @@ def _load_omniglot(spec: dict[str, Any], split: str, contract: InputContract | N
     if split not in OMNIGLOT_SPLITS:
         raise ConfigError(f"split {split!r} is not an Omniglot split; choose one of {', '.join(OMNIGLOT_SPLITS)}")
     dataset = omniglot(split, root=spec["root"], image_size=spec["image_size"], archives=spec["archives"])
-    if contract is not None and contract != dataset.contract:
-        raise InputError(f"the model expects {contract.describe()} but Omniglot here is "
-                         f"{dataset.contract.describe()}; set dataset.image_size={contract.image_size}")
-    return dataset
+    return check_decoded_as(contract, dataset, f"set dataset.image_size={contract and contract.image_size}")
 
 
 register_dataset("omniglot", OmniglotSpec, _load_omniglot)
@@ -163,10 +160,7 @@ def _load_miniimagenet(spec: dict[str, Any], split: str, contract: InputContract
         raise ConfigError(f"split {split!r} is not a miniImageNet split; choose one of "
                           f"{', '.join(MINIIMAGENET_SPLITS)}")
     dataset = miniimagenet(split, root=spec["root"], source=spec["source"], check=spec["check"])
-    if contract is not None and contract != dataset.contract:
-        raise InputError(f"the model expects {contract.describe()} but miniImageNet is "
-                         f"{dataset.contract.describe()}; evaluate this model on data decoded its way")
-    return dataset
+    return check_decoded_as(contract, dataset, "evaluate this model on data decoded its way")
 
 
 register_dataset("miniimagenet", MiniImageNetSpec, _load_miniimagenet)

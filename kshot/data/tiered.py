@@ -38,7 +38,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from kshot.config import STRICT
-from kshot.data.contract import RESIZE_FILTERS, InputContract, InputError
+from kshot.data.contract import RESIZE_FILTERS, InputContract, InputError, check_decoded_as
 from kshot.data.dataset import ClassDataset
 from kshot.data.folder import class_folders, image_files
 from kshot.data.image_cache import cache_folder, read_image_cache, write_image_cache
@@ -265,7 +265,4 @@ def load_tiered_spec(spec: dict[str, Any], split: str, contract: InputContract |
     """The registry's loader; a model contract other than the cache's is refused in one line."""
     dataset = tiered_imagenet(split, source=spec["source"], root=spec["root"], image_size=spec["image_size"],
                               check=spec["check"], npz_channel_order=spec["npz_channel_order"])
-    if contract is not None and contract != dataset.contract:
-        raise InputError(f"the model expects {contract.describe()} but tieredImageNet here is "
-                         f"{dataset.contract.describe()}; set dataset.image_size={contract.image_size}")
-    return dataset
+    return check_decoded_as(contract, dataset, f"set dataset.image_size={contract and contract.image_size}")
