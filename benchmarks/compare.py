@@ -218,6 +218,9 @@ def table_row_name(row: dict[str, Any], group: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    from kshot.allocator import tune_malloc
+
+    tune_malloc()  # as the kshot command does (kshot/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders or checkpoint folders")

@@ -19,6 +19,9 @@ from kshot.recipe import load_recipe  # noqa: E402
 
 
 def main() -> None:
+    from kshot.allocator import tune_malloc
+
+    tune_malloc()  # as the kshot command does (kshot/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("recipes", nargs="+", help="recipe names or YAML files")
     parser.add_argument("--device", default="cpu")

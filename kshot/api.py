@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import kshot.pretrained  # noqa: F401  (registers the pretrained backbones, so checkpoints built on them load)
+from kshot.allocator import tune_malloc
 from kshot.backbones import rebuildable, unrebuildable_message
 from kshot.batchnorm import BN_MODES, batchnorm_mode
 from kshot.config import ConfigError, TrainConfig, parse
@@ -147,6 +148,7 @@ class FewShotModel:
         `run_dir`, checkpoints go to a temporary folder that is removed afterwards."""
         config = settings.pop("config", None) or TrainConfig.from_dict(settings)
         augment = parse_augment_spec(augment)
+        tune_malloc()  # see kshot/allocator.py: training's large per-step buffers stay in the process
         optimizer_settings(config, self._learner_class())
         if self._learner_class().trains_on_episodes:
             check_request(train, config.ways, config.shots, config.queries)

@@ -227,10 +227,12 @@ def main() -> None:
     """Entry point: turn every error into one clear line instead of a traceback (KSHOT_DEBUG=1 shows it)."""
     import os
 
+    from kshot.allocator import tune_malloc
     from kshot.data.download import DownloadError
     from kshot.data.omniglot import OmniglotError
     from kshot.training.checkpoint import CheckpointError
 
+    tune_malloc()  # keep per-step buffers instead of page-faulting them back every step (kshot/allocator.py)
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
