@@ -26,7 +26,7 @@ from kshot.backbones import rebuildable, unrebuildable_message
 from kshot.batchnorm import BN_MODES, batchnorm_mode
 from kshot.config import ConfigError, TrainConfig, parse
 from kshot.data.augment import parse_augment_spec
-from kshot.data.contract import InputContract, InputError, check_images, require_contract
+from kshot.data.contract import InputContract, InputError, check_decoded_as, check_images, require_contract
 from kshot.data.dataset import ClassDataset, to_float
 from kshot.data.folder import image_files, image_folder
 from kshot.data.sampler import EpisodeSet, check_request
@@ -218,10 +218,8 @@ class FewShotModel:
             raise InputError(f"{dataset.name} holds images of shape {tuple(dataset.image_shape)} but the model "
                              f"expects {tuple(learner.image_shape)}; load it with the model's contract "
                              f"(kshot.data.image_folder(path, contract=model.input_contract))")
-        expected = self.input_contract
-        if expected is not None and dataset.contract is not None and dataset.contract != expected:
-            raise InputError(f"{dataset.name} was decoded with {', '.join(expected.differences(dataset.contract))}; "
-                             f"load it with kshot.data.image_folder(path, contract=model.input_contract)")
+        check_decoded_as(self.input_contract, dataset,
+                         "load it with kshot.data.image_folder(path, contract=model.input_contract)")
 
     def adapt(self, support: Images, support_labels: Sequence[Any] | Tensor | None = None) -> AdaptedClassifier:
         """Adapt to a support set whose labels can be any hashable values (class names, ids). `support` may be

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from conftest import synthetic_dataset
 
 from kshot import FewShotModel
 from kshot.backbones import register_backbone
-from kshot.config import ConfigError, TrainConfig, parse_yaml
+from kshot.config import ConfigError, EvalSetting, TrainConfig, parse_yaml
+from kshot.learners import LEARNERS
 from kshot.recipe import Recipe, RecipeError, load_recipe
 from kshot.training import optim
 
@@ -58,8 +58,7 @@ def test_unknown_recipe_sections_and_malformed_overrides_are_refused():
 
 def test_reptile_declares_plain_sgd_and_refuses_momentum_optimisers():
     recipe = load_recipe("reptile-omniglot-5way-1shot")
-    assert optim.optimizer_settings(recipe.train, recipe and __import__("kshot").learners.LEARNERS["reptile"]) \
-        == ("sgd", 0.0)
+    assert optim.optimizer_settings(recipe.train, LEARNERS["reptile"]) == ("sgd", 0.0)
     with pytest.raises(RecipeError, match="reptile needs 'sgd'"):
         load_recipe("reptile-omniglot-5way-1shot", ["train.optimizer=adam"])
     with pytest.raises(RecipeError, match="momentum"):
@@ -151,7 +150,7 @@ def test_recipe_round_trips_through_its_record():
     recipe = load_recipe("maml-omniglot-5way-1shot")
     again = Recipe.from_dict(recipe.to_dict())
     assert again == recipe and dataclasses.asdict(again.train) == dataclasses.asdict(recipe.train)
-    assert isinstance(recipe.train, TrainConfig) and Path  # typed sections
+    assert isinstance(recipe.train, TrainConfig) and isinstance(recipe.evaluate[0], EvalSetting)
 
 
 @pytest.mark.parametrize("schedule, expected", [

@@ -272,7 +272,7 @@ def test_the_registry_loads_it_and_refuses_another_contract(tmp_path):
             "root": str(tmp_path / "cache"), "check": False, "rotations": [0, 180]}
     train = load_dataset(spec, "train", augment=True)
     assert train.num_classes == 6 and train.contract == miniimagenet_contract()
-    with pytest.raises(InputError, match="the model expects 3-channel 32x32"):
+    with pytest.raises(InputError, match=r"image_size=84 \(the model expects 32\)"):
         load_dataset(spec, "test", contract=InputContract(channels=3, image_size=32))
     with pytest.raises(ConfigError, match="not a miniImageNet split"):
         load_dataset(spec, "trainval")

@@ -176,11 +176,11 @@ def check_images(images: Tensor, where: str = "images") -> Tensor:
 
 
 def check_decoded_as(expected: InputContract | None, dataset: Any, fix: str) -> Any:
-    """`dataset` (a ClassDataset) if it was decoded as a model `expected` (or no model contract is given), else a
-    one-line InputError saying how it differs and `fix`."""
-    if expected is not None and dataset.contract != expected:
-        raise InputError(f"the model expects {expected.describe()} but {dataset.name} is "
-                         f"{dataset.contract.describe()}; {fix}")
+    """`dataset` (a ClassDataset) if it was decoded as a model `expected` (or either has no contract), else a
+    one-line InputError naming every field that differs, and `fix`."""
+    if expected is not None and dataset.contract is not None and dataset.contract != expected:
+        raise InputError(f"{dataset.name} was decoded with {', '.join(expected.differences(dataset.contract))}; "
+                         f"{fix}")
     return dataset
 
 

@@ -18,8 +18,13 @@ class DownloadError(RuntimeError):
     """A download that failed or whose checksum did not match."""
 
 
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.md5()
+def md5sum(path: Path) -> str:
+    return file_digest(path, "md5")
+
+
+def file_digest(path: Path, algorithm: str, chunk: int = 1 << 20) -> str:
+    """Hex digest of a file read in chunks (never whole into memory)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
@@ -65,13 +70,18 @@ def download(url: str, target: Path, md5: str | None, progress: bool = True, tim
     return target
 
 
+def given_or_env(given: str | Path | None, env: str) -> Path | None:
+    """A user's local copy: the path given, else the one in environment variable `env`, else None."""
+    chosen = given if given is not None else os.environ.get(env) or None
+    return Path(chosen).expanduser() if chosen is not None else None
+
+
 def local_or_download(given: str | Path | None, env: str, cached: Path, url: str, md5: str, download_missing: bool,
                       error: type[Exception], setting: str = "dataset.archive") -> Path:
     """A dataset archive: `given`, else $`env`, else the copy at `cached` (under the data root), else a download
     from `url` checked by `md5` and written atomically; a missing local copy is an `error` saying what to set."""
-    chosen = given if given is not None else os.environ.get(env) or None
-    if chosen is not None:
-        path = Path(chosen).expanduser()
+    path = given_or_env(given, env)
+    if path is not None:
         if not path.is_file():
             raise error(f"{path} not found: point {setting} or {env} at {cached.name}")
         return path

@@ -38,6 +38,7 @@ import torch
 
 from kshot.data.contract import InputContract
 from kshot.data.dataset import ClassDataset
+from kshot.data.download import file_digest
 from kshot.data.paths import data_root
 from kshot.progress import progress_bar
 
@@ -162,7 +163,7 @@ def read_image_cache(folder: Path, name: str, verify: bool = False) -> ClassData
         raise ImageCacheError(f"{path} is {state} ({found:,} bytes, index.json records {expected:,}); delete the "
                               f"folder {folder} to rebuild the cache")
     if verify:
-        digest = _sha256(path)
+        digest = file_digest(path, "sha256")
         if digest != index["sha256"]:
             raise ImageCacheError(f"{path} has sha256 {digest}, not the {index['sha256']} recorded when it was "
                                   f"written; the file is corrupt: delete the folder {folder} to rebuild the cache")
@@ -176,9 +177,3 @@ def read_image_cache(folder: Path, name: str, verify: bool = False) -> ClassData
                         contract=InputContract.from_dict(index["contract"], where=f"{folder / INDEX_FILE}: contract"))
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()

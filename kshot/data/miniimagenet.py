@@ -30,6 +30,7 @@ from PIL import Image
 from kshot.data.contract import RESIZE_FILTERS, InputContract, InputError
 from kshot.data.dataset import ClassDataset
 from kshot.data.download import download as download_file
+from kshot.data.download import given_or_env
 from kshot.data.folder import class_folders, image_files
 from kshot.data.image_cache import cache_folder, read_image_cache, write_image_cache
 from kshot.data.paths import data_root
@@ -97,14 +98,14 @@ def miniimagenet(split: str = "train", root: str | Path | None = None, source: s
 
 def find_source(source: str | Path | None) -> Path:
     """The folder to convert from: `source`, else $KSHOT_MINIIMAGENET, with a how-to error when neither is set."""
-    chosen = source if source is not None else os.environ.get(SOURCE_ENV) or None
+    chosen = given_or_env(source, SOURCE_ENV)
     if chosen is None:
         raise MiniImageNetError(
             f"miniImageNet is not converted yet and no source is given. Its images have no canonical public "
             f"download: point source= (dataset.source in a recipe, or ${SOURCE_ENV}) at a folder holding "
             f"train/ val/ test/ folders of <wnid>/ class folders, or images/ with Ravi & Larochelle's "
             f"train.csv val.csv test.csv, or {PICKLE_NAME.format(split='{train,val,test}')}")
-    path = Path(chosen).expanduser()
+    path = chosen
     if not path.is_dir():
         raise MiniImageNetError(f"miniImageNet source {path} is not a folder")
     return path

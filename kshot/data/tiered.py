@@ -40,6 +40,7 @@ from pydantic.dataclasses import dataclass
 from kshot.config import STRICT
 from kshot.data.contract import RESIZE_FILTERS, InputContract, InputError, check_decoded_as
 from kshot.data.dataset import ClassDataset
+from kshot.data.download import given_or_env
 from kshot.data.folder import class_folders, image_files
 from kshot.data.image_cache import cache_folder, read_image_cache, write_image_cache
 from kshot.data.safe_pickle import UnsafePickleError, safe_load
@@ -65,13 +66,13 @@ def tiered_contract(image_size: int = NATIVE_SIZE) -> InputContract:
 
 def find_source(source: str | Path | None) -> Path:
     """The folder holding a copy of tieredImageNet: `source`, else $KSHOT_TIERED_IMAGENET."""
-    given = source if source is not None else os.environ.get(SOURCE_ENV) or None
+    given = given_or_env(source, SOURCE_ENV)
     if given is None:
         raise TieredImageNetError(
             f"tieredImageNet has no canonical download (Ren et al. build it from ImageNet with their scripts); "
             f"set dataset.source or {SOURCE_ENV} to a folder holding, for each split, {{split}}_images.npz or "
             f"{{split}}_images_png.pkl with {{split}}_labels.pkl, or a {{split}}/<wnid>/ image folder")
-    folder = Path(given).expanduser()
+    folder = given
     if not folder.is_dir():
         raise TieredImageNetError(f"{folder} is not a folder; point dataset.source or {SOURCE_ENV} at the folder "
                                   f"holding the tieredImageNet files")

@@ -120,6 +120,7 @@ class Trainer:
         self._replacing = False  # an old run is set aside until this one saves its first checkpoint
         self._resumes: list[dict[str, Any]] = []  # what each resume changed, recorded in checkpoint.json
         self._saved_at = 0.0
+        self._watched: list[torch.Tensor] = []
 
     @property
     def last_dir(self) -> Path:
@@ -205,6 +206,7 @@ class Trainer:
         if group is not None:
             distributed.broadcast_module(self.learner)
         trained = [p for p in self.learner.parameters() if p.requires_grad]
+        self._watch(trained)
         history: list[dict[str, Any]] = []
         log = open(self.run_dir / METRICS_FILE, "a") if main else None
         bar = progress_bar(total=config.steps, initial=self.step, desc=f"training {self.learner.name}",
@@ -321,6 +323,12 @@ class Trainer:
         return bool(every and self.step % every == 0) or \
             bool(every_s and time.perf_counter() - self._saved_at >= every_s)
 
+    def _watch(self, trained: list[torch.nn.Parameter]) -> None:
+        """The weights and floating-point buffers `_check_finite` checks every step, listed once per run (the
+        gradients, new tensors every step, are listed each time)."""
+        buffers = [b for b in self.learner.buffers() if b.is_floating_point()]
+        self._watched = [t for t in trained + buffers if t.numel()]
+
     def _check_finite(self, loss: torch.Tensor | float, trained: list[torch.nn.Parameter]) -> float:
         """The step's loss as a float, or `TrainingDivergedError` if the loss, a gradient, a weight or a
         floating-point buffer (batch-norm statistics) is NaN or infinite.
@@ -329,8 +337,8 @@ class Trainer:
         non-finite, and so do values past about 1e19, where float32 squares overflow: a model that large has
         diverged too), read back with the loss in one device sync (the one reading the loss always cost); only a
         failure looks at tensors one by one."""
-        buffers = [b for b in self.learner.buffers() if b.is_floating_point()]
-        tensors = [t for t in [p.grad for p in trained if p.grad is not None] + trained + buffers if t.numel()]
+        grads = [p.grad for p in trained if p.grad is not None and p.grad.numel()]
+        tensors = grads + self._watched
         norms = torch._foreach_norm(tensors) if tensors else []
         finite = torch.stack([norm.float() for norm in norms]).isfinite().all() if norms else None
         if isinstance(loss, torch.Tensor):
