@@ -12,6 +12,7 @@ flattened gradients after the backward does the same averaging for every learner
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,8 +89,14 @@ def local_device(device: str | torch.device) -> torch.device:
 
 
 def leave_process_group(group: ProcessGroup | None) -> None:
-    """Destroy the process group if `join_process_group` created it."""
+    """Destroy the process group if `join_process_group` created it, all processes together: a process that tore
+    down its Gloo connections while another was still working (the main one writing results) could make that
+    one's Gloo thread abort with "terminate called without an active exception". When leaving because of an
+    error (called from a `finally` with an exception in flight), the other processes may be inside another
+    collective, so there is no barrier: the group is torn down at once and their collectives fail."""
     if group is not None and group.owned and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
