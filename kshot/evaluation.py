@@ -60,14 +60,17 @@ class EvaluationResult:
     ece: float | None = None
     episode_ece: float | None = None
     episode_ece_ci95: float | None = None
+    transductive: bool = False
+    """True when the learner predicted each episode's queries together (`Learner.transductive`)."""
 
     def summary(self) -> str:
         """One line: mean +- 95% CI, or a plain statement that one episode gives no interval (not "+- nan")."""
         interval = f"+- {self.ci95:.2f}% (95% CI, {self.episodes} episodes, " if math.isfinite(self.ci95) else \
             f"(no confidence interval from {self.episodes} episode, "
         calibration = "" if self.ece is None else f"; ECE {self.ece:.2f}% ({BINS} bins, all queries pooled)"
+        inference = ", transductive: queries predicted together" if self.transductive else ""
         return (f"{self.ways}-way {self.shots}-shot on {self.dataset}: {self.accuracy:.2f}% {interval}"
-                f"{self.queries} queries/class, batch norm: {self.bn_mode}){calibration}")
+                f"{self.queries} queries/class, batch norm: {self.bn_mode}{inference}){calibration}")
 
     def as_row(self) -> dict[str, Any]:
         """The result as a JSON-safe row (a CI is None when there is no interval, as JSON has no NaN)."""
@@ -114,7 +117,8 @@ def evaluate(learner: Learner, episodes: EpisodeSet, bn_mode: str = "inference",
                             shots=episodes.shots, queries=episodes.queries, bn_mode=bn_mode,
                             seconds=time.perf_counter() - start, dataset=episodes.dataset.name,
                             seed=episodes.seed, per_episode=scores, ece=ece, episode_ece=episode_ece,
-                            episode_ece_ci95=episode_ece_ci95)
+                            episode_ece_ci95=episode_ece_ci95,
+                            transductive=bool(getattr(learner, "transductive", False)))
 
 
 def _stack_counts(counts: list[Tensor | None], device: torch.device) -> Tensor:

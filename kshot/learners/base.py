@@ -82,6 +82,14 @@ class Learner(nn.Module, ABC):
     required_outer_optimizer: ClassVar[dict[str, Any]] = {}
     """Outer optimiser settings this learner cannot train without (a different choice is a config error)."""
 
+    works_on_features: ClassVar[bool] = False
+    """True when adapting leaves the backbone unchanged: `adapt` is `embed` followed by `adapt_embedded`, so
+    evaluation may embed the images of many episodes in one backbone pass and give each episode its features."""
+
+    transductive: ClassVar[bool] = False
+    """True when predictions use the whole query set of a task together (the unlabelled queries inform each
+    other's labels): results say so, since such figures are not comparable with inductive ones."""
+
     def __init__(self, backbone: nn.Module, image_shape: tuple[int, ...], **options: Any) -> None:
         super().__init__()
         self.backbone = backbone
@@ -108,6 +116,22 @@ class Learner(nn.Module, ABC):
     @abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
         """Fit the support set (labels 0..N-1) and return a predictor for queries of the same task."""
+
+    # ------------------------------------------------------------------- learners that work on fixed features
+    def embed(self, images: Tensor) -> Tensor:
+        """Features [M, ...] of images [M, C, H, W] as `adapt_embedded` takes them (the backbone's by default)."""
+        return self.backbone(images)
+
+    def adapt_embedded(self, support: Tensor, support_y: Tensor) -> Predictor:
+        """For `works_on_features` learners: fit support features (labels 0..N-1) and return a predictor that
+        maps query features (from `embed`) to logits. A transductive predictor must be given one task's whole
+        query set at once."""
+        raise NotImplementedError(f"{self.name} adapts its backbone; it has no adapt_embedded")
+
+    def adapt_through_features(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """`adapt` for `works_on_features` learners: embed the support set, fit it, embed queries to predict."""
+        head = self.adapt_embedded(self.embed(support_x), support_y)
+        return lambda query_x: head(self.embed(query_x))
 
     # ---------------------------------------------------------------------------------------------- helpers
     def config(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ class ProtoNet(Learner):
     """Prototypical Networks with squared Euclidean distance, as in the paper."""
 
     name = "protonet"
+    works_on_features = True
 
     def loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
         support, query = embed_episode(self.backbone, batch)
@@ -23,9 +24,8 @@ class ProtoNet(Learner):
         return F.cross_entropy(logits, labels), {"accuracy": accuracy(logits, labels)}
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
-        prototypes = class_means(self.backbone(support_x), support_y, classes_in(support_y))
+        return self.adapt_through_features(support_x, support_y)
 
-        def predict(query_x: Tensor) -> Tensor:
-            return -squared_euclidean(self.backbone(query_x), prototypes)
-
-        return predict
+    def adapt_embedded(self, support: Tensor, support_y: Tensor) -> Predictor:
+        prototypes = class_means(support, support_y, classes_in(support_y))
+        return lambda query: -squared_euclidean(query, prototypes)
