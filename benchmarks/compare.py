@@ -2,11 +2,18 @@
 
     python benchmarks/compare.py runs/benchmarks/matching-omniglot-1shot \\
         runs/benchmarks/relation-omniglot-1shot --settings 5x1,5x5,20x1,20x5 --episodes 1000 --tag omniglot
+    python benchmarks/compare.py RUN RUN@tim RUN@bd-cspn RUN@pt-map RUN@laplacianshot --all-settings \\
+        --settings 5x1,5x5,20x1,20x5 --tag omniglot-transductive
 
-Each argument is a run folder (its checkpoints/best is used) or a checkpoint folder. The test split is the
-one the runs were trained with (they must agree). A run is scored only on the settings its recipe evaluates
-(a 1-shot model on 1-shot settings, a 5-way MAML head on 5-way ones) unless --all-settings is given; runs of
-one method that cover different settings (matching-1shot, matching-5shot) share a row of the table.
+Each argument is a run folder (its checkpoints/best is used) or a checkpoint folder, optionally followed by
+`@METHOD` to score that run's trained backbone with a transductive method instead of its own learner
+(`RUN@tim`, `RUN@bd-cspn`, `RUN@pt-map`, `RUN@laplacianshot`; see kshot/learners/transductive.py): such rows
+are labelled RUN@METHOD, have method METHOD and `transductive: true`, and the table says so in its
+transductive column, since transductive figures (queries of an episode labelled together) are not comparable
+with inductive ones. The test split is the one the runs were trained with (they must agree). A run (and
+RUN@METHOD) is scored only on the settings its recipe evaluates (a 1-shot model on 1-shot settings, a 5-way MAML
+head on 5-way ones) unless --all-settings is given; runs of one method that cover different settings
+(matching-1shot, matching-5shot) share a row of the table.
 One `EpisodeSet` per N-way K-shot setting, with the same
 seed for every run, is built once and given to every learner; the dataset fingerprint and a digest of the
 episodes' indices are printed and recorded, to show that the episodes were identical. Each row also records
@@ -72,19 +79,63 @@ def run_label(info: dict[str, Any], folder: Path, taken: set[str]) -> str:
     return label
 
 
+def split_method(run: str) -> tuple[str, str | None]:
+    """"RUN@tim" -> ("RUN", "tim"); a run with no "@METHOD" suffix -> (run, None). A path that itself holds
+    "@" is read as a path when the part after the last "@" is not a transductive method."""
+    from kshot.learners.transductive import TRANSDUCTIVE
+
+    path, at, method = str(run).rpartition("@")
+    if not at:
+        return str(run), None
+    if method in TRANSDUCTIVE:
+        return path, method
+    if Path(run).exists():
+        return str(run), None
+    raise ValueError(f"{run!r}: unknown transductive method {method!r} after '@'; choose one of "
+                     f"{', '.join(TRANSDUCTIVE)}")
+
+
 def load_runs(runs: Sequence[str], device: str) -> list[tuple[str, Path, Any, dict[str, Any]]]:
-    """(label, checkpoint folder, learner, checkpoint info) for each run."""
+    """(label, checkpoint folder, learner, checkpoint info) for each run; a run given as RUN@METHOD is the
+    transductive METHOD on RUN's backbone (loaded once however many methods use it), labelled RUN@METHOD."""
+    from kshot.learners.transductive import transductive_learner
     from kshot.training.checkpoint import load_learner
 
     loaded = []
     taken: set[str] = set()
+    cache: dict[Path, tuple[str, Any, dict[str, Any]]] = {}
     for run in runs:
-        folder = checkpoint_folder(run)
-        learner, info = load_learner(folder, map_location=device)
-        if "recipe" not in info:
-            raise ValueError(f"{folder} does not say which dataset it was trained on (no recipe in its info)")
-        loaded.append((run_label(info, folder, taken), folder, learner, info))
+        path, method = split_method(run)
+        folder = checkpoint_folder(path)
+        if folder not in cache:
+            learner, info = load_learner(folder, map_location=device)
+            if "recipe" not in info:
+                raise ValueError(f"{folder} does not say which dataset it was trained on (no recipe in its info)")
+            cache[folder] = (run_label(info, folder, set()), learner, info)
+        base, learner, info = cache[folder]
+        label = base if method is None else f"{base}@{method}"
+        if label in taken:
+            label = f"{label} ({folder})"
+        taken.add(label)
+        if method is not None:
+            learner = transductive_learner(learner, method, base=training_set(learner, method, info, label))
+        loaded.append((label, folder, learner, info))
     return loaded
+
+
+def training_set(learner: Any, method: str, info: dict[str, Any], label: str) -> Any:
+    """The run's training split when `method` centres on the base-class mean and the run kept none (a
+    ProtoNet under LaplacianShot), for `transductive_learner` to compute the mean from; else None."""
+    from kshot.data.registry import load_dataset
+    from kshot.learners.transductive import BASE_MEAN_IMAGES, needs_base_mean
+
+    if not needs_base_mean(learner, method):
+        return None
+    recipe = info["recipe"]
+    split = recipe.get("splits", {}).get("train", "train")
+    print(f"{label}: {learner.name} keeps no base-class mean feature; computing it from "
+          f"{BASE_MEAN_IMAGES:,} images (at most) of the {split} split", flush=True)
+    return load_dataset(recipe["dataset"], split, contract=getattr(learner, "input_contract", None), augment=True)
 
 
 def recipe_settings(info: dict[str, Any]) -> set[tuple[int, int]] | None:
@@ -103,8 +154,9 @@ def weights_digest(folder: Path) -> str:
 def reusable(previous: Sequence[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
     """A previously written row for the same weights, episodes and batch-norm mode, if there is one."""
     keys = ("weights_digest", "episodes_digest", "dataset_fingerprint", "ways", "shots", "queries", "episodes",
-            "seed", "bn_mode")
-    return next((p for p in previous if all(p.get(k) == row[k] for k in keys)), None)
+            "seed", "bn_mode", "method")
+    return next((p for p in previous if all(p.get(k) == row[k] for k in keys)
+                 and p.get("method_options") == row.get("method_options")), None)
 
 
 def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: int = 1000, queries: int = 15,
@@ -142,9 +194,12 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
             if not all_settings and declared is not None and (ways, shots) not in declared:
                 continue
             mode = bn_mode or info["recipe"].get("bn_mode", "inference")
+            transductive = bool(getattr(learner, "transductive", False))
             key = {"weights_digest": weights_digest(folder), "episodes_digest": digest,
                    "dataset_fingerprint": fingerprint, "ways": ways, "shots": shots, "queries": queries,
-                   "episodes": episodes, "seed": seed, "bn_mode": mode}
+                   "episodes": episodes, "seed": seed, "bn_mode": mode, "method": learner.name}
+            if transductive:  # the method's settings, so that a row for other settings is not reused
+                key["method_options"] = dict(learner.options)
             earlier = reusable(previous, key)
             if earlier is not None:
                 print(f"  {label:40s} {earlier['accuracy']:6.2f} +- {earlier['ci95']:.2f}  ECE {ece_cell(earlier)}"
@@ -155,7 +210,10 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
             print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ECE {ece_cell(result.as_row())}"
                   f"  ({result.seconds:.0f} s)", flush=True)
             rows.append({
-                "method": learner.name, "run": label, "checkpoint": str(folder), "dataset": dataset.name,
+                "method": learner.name, "transductive": result.transductive,
+                **({"trained_as": info["model"]["learner"], "method_options": key["method_options"]}
+                   if transductive else {}),
+                "run": label, "checkpoint": str(folder), "dataset": dataset.name,
                 "dataset_fingerprint": fingerprint, "episodes_digest": digest,
                 "weights_digest": key["weights_digest"], "ways": ways, "shots": shots,
                 "queries": queries, "episodes": episodes, "seed": seed, "accuracy": round(result.accuracy, 3),
@@ -169,7 +227,8 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
 
 def section(rows: list[dict[str, Any]]) -> str:
     """Markdown for BENCHMARKS.md: one table per comparison, runs as rows and settings as columns (accuracy
-    columns, then one ECE column per setting; empty for rows written before ECE was recorded)."""
+    columns, then one ECE column per setting; empty for rows written before ECE was recorded), with a
+    transductive column (rows written before it existed were all inductive)."""
     parts = []
     for name in sorted({r.get("comparison", RESULT_PREFIX) for r in rows}):
         group = [r for r in rows if r.get("comparison", RESULT_PREFIX) == name]
@@ -182,10 +241,10 @@ def section(rows: list[dict[str, Any]]) -> str:
                  f"{first['episodes']} episodes per setting, {first['queries']} queries a class, "
                  f"episode seed {first['seed']}: every "
                  f"run was scored on the same episodes (digests below). Device: {first['device']}.", "",
-                 "| method | runs | steps of the evaluated checkpoint | its train time | "
+                 "| method | runs | transductive | steps of the evaluated checkpoint | its train time | "
                  + " | ".join(f"{w}-way {k}-shot" for w, k in settings) + " | "
                  + " | ".join(f"ECE % {w}-way {k}-shot" for w, k in settings) + " |",
-                 "|---|---|---|---|" + "---|" * 2 * len(settings)]
+                 "|---|---|---|---|---|" + "---|" * 2 * len(settings)]
         for name in dict.fromkeys(row_of[id(r)] for r in group):
             members = list({r["run"]: r for r in group if row_of[id(r)] == name}.values())
             values = [f"{cells[name, w, k]['accuracy']:.2f} +- {cells[name, w, k]['ci95']:.2f}"
@@ -194,7 +253,9 @@ def section(rows: list[dict[str, Any]]) -> str:
             steps = " / ".join(str(r.get("train_steps", "")) for r in members)
             minutes = " / ".join(f"{(r.get('train_seconds') or 0) / 60:.1f}" for r in members)
             runs = ", ".join(r["run"] for r in members)
-            lines.append(f"| {members[0]['method']} | {runs} | {steps} | {minutes} min | " + " | ".join(values) + " |")
+            transductive = "yes" if members[0].get("transductive") else "no"
+            lines.append(f"| {members[0]['method']} | {runs} | {transductive} | {steps} | {minutes} min | "
+                         + " | ".join(values) + " |")
         digests = {(r["ways"], r["shots"]): r["episodes_digest"] for r in group}
         lines += ["", "Episode digests: "
                   + ", ".join(f"{w}-way {k}-shot `{d}`" for (w, k), d in sorted(digests.items()))]
@@ -223,7 +284,8 @@ def main() -> None:
     tune_malloc()  # as the kshot command does (kshot/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders or checkpoint folders")
+    parser.add_argument("runs", nargs="+", help="run folders or checkpoint folders; RUN@METHOD scores RUN's backbone "
+                        "with a transductive method (tim, bd-cspn, pt-map, laplacianshot)")
     parser.add_argument("--settings", default="5x1,5x5,20x1,20x5", help="N-way K-shot settings: 5x1,20x5")
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=15)

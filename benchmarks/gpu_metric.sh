@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Superseded by benchmarks/gpu_session.py (several recipes per call, resumed across calls); kept because earlier
+# result rows name this command.
 # Matching (with and without FCE), Relation, Siamese (BCE and contrastive), Baseline, Baseline++ and SimpleShot on
 # Omniglot, all at once on one GPU (about 8 minutes on an H100), then the comparison on identical test episodes.
 # Budgets: BUDGET seconds of training for the episodic learners, BASELINE_BUDGET for the supervised ones (their

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Superseded by benchmarks/gpu_session.py (several recipes per call, resumed across calls); kept because earlier
+# result rows name this command.
 # The ProtoNet paper settings on one GPU, both models at once (used on a lent H100; see BENCHMARKS.md).
 set -u
 export KSHOT_DATA=${KSHOT_DATA:-$PWD/.kshot-cache} PYTHONUNBUFFERED=1

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Superseded by benchmarks/gpu_session.py (several recipes per call, resumed across calls); kept because earlier
+# result rows name this command.
 # Train and evaluate several recipes at once on one GPU, each with a training-time budget, and pack the results,
 # training logs and best checkpoints into $OUT/results-<tag>.tgz.
 # Usage: BUDGET=420 TAG=gpu [DEADLINE=560] bash benchmarks/gpu_recipes.sh recipe[:budget] [recipe[:budget] ...]

@@ -30,7 +30,8 @@ RESULT_PREFIX = "maml_memory"
 TITLE = "MAML memory on ResNet-12 (one meta-step, 5-way 1-shot): measured against the bound's estimate"
 FULL, EIGHTH = (64, 160, 320, 640), (8, 20, 40, 80)
 
-# (widths, image size, inner steps, queries a class, tasks, MAML options)
+# (widths, image size, inner steps, queries a class, tasks, MAML options); backward is whole_batch unless the options
+# say otherwise (all tasks' graphs alive: what the formula's tasks_alive counts)
 SWEEPS: dict[str, list[tuple[tuple[int, ...], int, int, int, int, dict[str, Any]]]] = {
     "cpu": [
         *[(EIGHTH, size, 5, 15, 1, {}) for size in (16, 24, 32, 48, 64)],
@@ -39,7 +40,7 @@ SWEEPS: dict[str, list[tuple[tuple[int, ...], int, int, int, int, dict[str, Any]
         *[(EIGHTH, 32, 5, queries, 1, {}) for queries in (1, 5)],
         (EIGHTH, 32, 5, 15, 2, {}),
         ((16, 40, 80, 160), 48, 5, 15, 1, {}),
-        ((16, 40, 80, 160), 48, 5, 15, 2, {"per_task_backward": True}),
+        ((16, 40, 80, 160), 48, 5, 15, 2, {"backward": "per_task"}),
         ((16, 40, 80, 160), 48, 5, 15, 2, {"first_order": True}),
     ],
     "cpu-large": [  # full-size networks, one task: minutes and up to about 10 GB
@@ -54,7 +55,7 @@ SWEEPS: dict[str, list[tuple[tuple[int, ...], int, int, int, int, dict[str, Any]
         (FULL, 84, 5, 5, 1, {}),
         (FULL, 84, 5, 15, 2, {}),
         (FULL, 84, 5, 15, 4, {}),
-        (FULL, 84, 5, 15, 4, {"per_task_backward": True}),
+        (FULL, 84, 5, 15, 4, {"backward": "per_task"}),
         (FULL, 84, 5, 15, 4, {"first_order": True}),
         ((32, 80, 160, 320), 84, 5, 15, 1, {}),
         ((32, 80, 160, 320), 84, 5, 15, 4, {}),
@@ -73,7 +74,8 @@ def probe(widths: list[int], size: int, steps: int, queries: int, tasks: int, op
     torch.manual_seed(0)
     ways, shots = 5, 1
     learner = build_learner("maml", (3, size, size), {"name": "resnet12", "widths": widths},
-                            {"ways": ways, "inner_steps": steps, "inner_lr": 0.01, "strategy": "loop", **options})
+                            {"ways": ways, "inner_steps": steps, "inner_lr": 0.01, "strategy": "loop",
+                             "backward": "whole_batch", **options})
     learner = learner.to(device).train()
     labels = torch.arange(ways)
     batch = Episode(torch.randn(tasks, ways * shots, 3, size, size), labels.repeat_interleave(shots).repeat(tasks, 1),
@@ -81,7 +83,7 @@ def probe(widths: list[int], size: int, steps: int, queries: int, tasks: int, op
                     labels.repeat_interleave(queries).repeat(tasks, 1), labels.repeat(tasks, 1)).to(device)
     row = {"backbone": "resnet12", "widths": widths, "image_size": size, "inner_steps": steps, "ways": ways,
            "shots": shots, "queries": queries, "tasks": tasks, "options": options,
-           "tasks_alive": 1 if options.get("per_task_backward") else tasks,
+           "tasks_alive": learner.tasks_alive(torch.device(device), tasks),
            "first_order": bool(options.get("first_order")),
            "params": sum(p.numel() for p in learner.parameters()),
            "activations": activation_elements(learner.backbone, (3, size, size))}

@@ -40,11 +40,13 @@ METHODS = {
     "clone/adapt (learn2learn-style)": {},
     "kshot maml (functional loop)": {"task_threads": 1},
     "kshot maml, task threads": {"task_threads": "auto"},
-    "kshot maml, per_task_backward": {"per_task_backward": True, "task_threads": 1},
+    "kshot maml, whole-batch backward": {"backward": "whole_batch", "task_threads": 1},
+    "kshot maml, vmap over tasks": {"strategy": "vmap", "task_threads": 1},
     "kshot maml, first_order": {"first_order": True, "task_threads": 1},
     DISTRIBUTED: {"task_threads": 1},
 }
-EXACT = ("kshot maml (functional loop)", "kshot maml, per_task_backward")
+EXACT = ("kshot maml (functional loop)", "kshot maml, whole-batch backward", "kshot maml, vmap over tasks",
+         "kshot maml, per_task_backward")  # the last: rows measured before `backward` replaced that option
 ONE_THREAD_KERNELS = ("kshot maml, task threads", DISTRIBUTED)  # compared with clone/adapt on one thread
 BASELINE = "clone/adapt (learn2learn-style)"
 
@@ -74,7 +76,7 @@ def step_fn(method: str, learner: Any, batch: Any) -> Any:
     if method == BASELINE:
         network = torch.nn.Sequential(learner.backbone, learner.head)
         return lambda: meta_batch_backward(network, batch, steps=1, lr=0.4)
-    options = {"per_task_backward": False, "first_order": False, "task_threads": 1, **METHODS[method]}
+    options = {"backward": "auto", "strategy": "auto", "first_order": False, "task_threads": 1, **METHODS[method]}
 
     def run() -> float:
         learner.options.update(options)
@@ -270,10 +272,12 @@ def section(rows: list[dict]) -> str:
               "(the meta-gradient of second-order MAML at alpha 0.4 amplifies rounding), so an exact method shows "
               "the same figure and first order a much larger one. "
               "Strategy: on CPU a plain functional loop over tasks (`strategy: auto` picks `loop` for "
-              "networks with convolutions or batch norm; vmap over tasks turns per-task convolutions into grouped "
+              "networks with convolutions; vmap over tasks turns per-task convolutions into grouped "
               "convolutions, measured 0.5x with 15 queries on CPU in issue 3); `vmap` is picked for fully "
-              "connected networks without batch norm (the sinusoid MLP). `per_task_backward` backpropagates "
-              "each task at once, bounding memory to one task's graph as clone/adapt does; first order drops "
+              "connected networks (the sinusoid MLP), and runs batch norm (kshot/learners/vmap_batchnorm.py). "
+              "The functional loop backpropagates each task at once by default (`backward: auto`), bounding "
+              "memory to one task's graph as clone/adapt does; `whole-batch backward` is the former default, one "
+              "graph for the meta-batch (benchmarks/maml_growth.py compares the two); first order drops "
               f"the second-order terms. {first['date']}, commit {first['commit']}.", "",
               f"Command: `{first['command']}`"]
     return "\n".join(lines)

@@ -162,7 +162,9 @@ def write_report() -> Path:
             sections.setdefault(prefix, []).extend(rows)
         elif rows and "accuracy" in rows[0]:
             accuracy_rows.extend(rows)
-    parts = [HEADER]
+    from headline import headline_section  # the summary first: benchmarks/headline.py
+
+    parts = [HEADER, *headline_section(accuracy_rows)]
     if accuracy_rows:
         parts += ["## Few-shot classification accuracy", "", accuracy_table(accuracy_rows), ""]
     cpu_table = settings_table(accuracy_rows, GRADIENT_FAMILIES, "cpu")

@@ -4,6 +4,7 @@
     model.fit(kshot.data.omniglot("train"), val=kshot.data.omniglot("val"), ways=20, shots=1, queries=5, steps=500)
     print(model.evaluate(kshot.data.omniglot("test"), ways=5, shots=1).summary())
     classifier = model.adapt(["a1.png", "b1.png"], ["alpha", "beta"]);  classifier.predict(["q.png"])
+    print(model.transductive("tim").evaluate(kshot.data.omniglot("test"), ways=5, shots=1).summary())
 
 A model carries its input contract (`model.input_contract`): image files given to adapt/predict/evaluate are
 decoded exactly as its training data was, so the same raw file gives the same tensor.
@@ -203,6 +204,7 @@ class FewShotModel:
         be a folder of class sub-folders, decoded with the model's contract; under torchrun,
         `across_processes` splits the episodes between the processes (see `kshot.evaluation`)."""
         learner = self._require()
+        tune_malloc()  # as in fit: evaluation's per-chunk buffers stay in the process instead of page-faulting back
         if isinstance(data, (str, Path)):
             data = image_folder(data, contract=require_contract(self.input_contract, f"the images in {data}"))
         dataset = data.dataset if isinstance(data, EpisodeSet) else data
@@ -210,6 +212,20 @@ class FewShotModel:
         episode_set = data if isinstance(data, EpisodeSet) else EpisodeSet(data, ways, shots, queries, episodes, seed)
         return evaluate(learner, episode_set, bn_mode=bn_mode or self.bn_mode, device=self.device,
                         progress=progress, across_processes=across_processes)
+
+    def transductive(self, method: str, base: ClassDataset | None = None, **options: Any) -> FewShotModel:
+        """A new model that predicts with transductive inference `method` ("tim", "bd-cspn", "pt-map" or
+        "laplacianshot", see `kshot.learners.transductive`) on this model's trained backbone, shared, not copied.
+        `options` are the method's (defaults: its authors'). `base`, the training set, is needed only when the
+        method centres features on the base-class mean (LaplacianShot) and this model keeps none (a ProtoNet):
+        the mean is then computed from it. Evaluation results of the new model say they are transductive; its
+        classifiers from `adapt` label the images of each `predict` call together, as one query set."""
+        from kshot.learners.transductive import transductive_learner
+
+        if base is not None:
+            self.check_dataset(base)
+        learner = transductive_learner(self._require(), method, base=base, **options)
+        return FewShotModel(learner, device=self.device, bn_mode=self.bn_mode)
 
     def check_dataset(self, dataset: ClassDataset) -> None:
         """A one-line error when `dataset` was decoded otherwise than this model's training data."""

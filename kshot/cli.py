@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
 
 from kshot import __version__
+from kshot.learners.transductive import TRANSDUCTIVE as TRANSDUCTIVE_METHODS
 from kshot.recipe import RecipeError, load_recipe, recipe_names
+
+if TYPE_CHECKING:
+    from kshot.api import FewShotModel
+    from kshot.recipe import Recipe
 
 
 def _device(device: str | None) -> str:
@@ -118,11 +125,16 @@ def train(recipe: str, out: str | None, resume: bool, overwrite: bool, no_eval: 
 @click.option("--split", default=None, help="Dataset split to test on (default: the run's test split).")
 @click.option("--bn-mode", type=click.Choice(["inference", "transductive"]), default=None,
               help="Batch norm at test time (default: the mode the run was trained and validated with).")
+@click.option("--transductive", "method", type=click.Choice(list(TRANSDUCTIVE_METHODS)), default=None,
+              help="Label each episode's queries together with this transductive method on the run's backbone "
+                   "(authors' default settings); the result says it is transductive.")
 @with_data_options
 def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episodes: int, seed: int,
-                     split: str | None, bn_mode: str | None, sets, data, data_root, archives, device) -> None:
+                     split: str | None, bn_mode: str | None, method: str | None, sets, data, data_root, archives,
+                     device) -> None:
     """Evaluate a run folder or checkpoint on fixed, seeded test episodes; print accuracy +- 95% CI.
-    Images are decoded with the model's own input contract; training-time rotations are never applied."""
+    Images are decoded with the model's own input contract; training-time rotations are never applied.
+    With --transductive METHOD, the run's trained backbone is used by that method instead of its own learner."""
     from kshot.api import FewShotModel
     from kshot.data.registry import load_dataset
     from kshot.distributed import is_main_process, process_group
@@ -137,6 +149,8 @@ def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episo
         raise click.UsageError("this checkpoint does not say which data it was trained on; pass --data FOLDER")
     saved = info.get("recipe") or {"learner": info["model"]["learner"], "dataset": {"name": "folder", "path": "."}}
     recipe = Recipe.from_dict(apply_overrides(saved, _overrides(sets, data, data_root, archives)))
+    if method is not None:
+        model = _transductive(model, method, recipe, say=click.echo if is_main_process() else lambda line: None)
     dataset = load_dataset(recipe.dataset, split or recipe.splits.get("test") or "test",
                            contract=model.input_contract)
     model.check_dataset(dataset)
@@ -146,6 +160,22 @@ def evaluate_command(checkpoint: str, ways: int, shots: int, queries: int, episo
                                 progress=is_main_process(), across_processes=True)
         if is_main_process():
             click.echo(result.summary())
+
+
+def _transductive(model: FewShotModel, method: str, recipe: Recipe, say: Callable[[str], None]) -> FewShotModel:
+    """`model`'s backbone with transductive `method`; the base-class mean, when the method centres on it and the
+    run kept none (a ProtoNet), is computed from the run's training split."""
+    from kshot.data.registry import load_dataset
+    from kshot.learners.transductive import BASE_MEAN_IMAGES, needs_base_mean
+
+    base = None
+    if needs_base_mean(model.learner, method):
+        split = recipe.splits.get("train") or "train"
+        base = load_dataset(recipe.dataset, split, contract=model.input_contract, augment=True)
+        say(f"note: this {model.learner.name} run keeps no base-class mean feature, which {method} centres on: "
+            f"computing it from {min(BASE_MEAN_IMAGES, len(base)):,} images of the {split} split")
+    say(f"note: transductive inference: {method} on the backbone of this {model.learner.name} run")
+    return model.transductive(method, base=base)
 
 
 @cli.command()
@@ -246,8 +276,8 @@ def main() -> None:
     except click.ClickException as error:
         click.echo(f"error: {' '.join(error.format_message().split())}", err=True)
         sys.exit(error.exit_code if error.exit_code != 1 else 2)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+    except KeyboardInterrupt as error:  # TrainingInterrupted says where its checkpoint is and how to resume
+        click.echo(f"interrupted: {error}" if str(error) else "interrupted", err=True)
         sys.exit(130)
     except Exception as error:
         if os.environ.get("KSHOT_DEBUG"):

@@ -194,7 +194,8 @@ def result_rows(recipe: Recipe, results: list[EvaluationResult], train_seconds: 
                      "episodes": result.episodes, "accuracy": round(result.accuracy, 3),
                      "ci95": round(result.ci95, 3) if math.isfinite(result.ci95) else None,
                      "ece": None if result.ece is None else round(result.ece, 3),
-                     "paper": setting.paper, "bn_mode": result.bn_mode, "train_steps": steps,
+                     "paper": setting.paper, "bn_mode": result.bn_mode, "transductive": result.transductive,
+                     "train_steps": steps,
                      "train_seconds": round(train_seconds, 1), "eval_seconds": round(result.seconds, 1),
                      "device": device_name(device), "commit": commit, "date": time.strftime("%Y-%m-%d")})
     return rows

@@ -97,3 +97,39 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         compare.parse_settings("5-1")
     with pytest.raises(FileNotFoundError, match="run folder"):
         compare.checkpoint_folder(tmp_path)
+
+
+def test_a_runs_backbone_is_scored_with_transductive_methods_beside_it(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_folder(data / "train", classes=6, per_class=4, seed=0)
+    write_folder(data / "test", classes=5, per_class=4, seed=1)
+    run = str(tiny_run(data, "protonet", tmp_path / "proto", {}))
+    runs = [run, f"{run}@bd-cspn", f"{run}@laplacianshot", f"{run}@pt-map"]
+    rows = compare.compare(runs, compare.parse_settings("3x1"), episodes=3, queries=2, progress=False)
+    assert [(r["run"], r["method"], r["transductive"]) for r in rows] == [
+        ("proto", "protonet", False), ("proto@bd-cspn", "bd-cspn", True),
+        ("proto@laplacianshot", "laplacianshot", True), ("proto@pt-map", "pt-map", True)]
+    assert len({r["episodes_digest"] for r in rows}) == 1 and len({r["weights_digest"] for r in rows}) == 1
+    assert rows[1]["trained_as"] == "protonet" and rows[1]["method_options"]["scale"] == 10.0
+    assert "computing it from" in capsys.readouterr().out  # a ProtoNet keeps no base-class mean
+    text = compare.section([{**r, "comparison": "comparison-test", "command": "cmd"} for r in rows])
+    assert "| method | runs | transductive |" in text
+    assert "| protonet | proto | no |" in text and "| laplacianshot | proto@laplacianshot | yes |" in text
+    # A row is reused only for the same method and method settings (the same weights serve all four).
+    import kshot.evaluation
+
+    calls = []
+    original = kshot.evaluation.evaluate
+    kshot.evaluation.evaluate = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    try:
+        for previous, evaluations in ((rows[:1], 1), (rows, 0)):
+            calls.clear()
+            again = compare.compare([f"{run}@bd-cspn"], compare.parse_settings("3x1"), episodes=3, queries=2,
+                                    progress=False, previous=previous)
+            assert len(calls) == evaluations and again[0]["accuracy"] == rows[1]["accuracy"]
+    finally:
+        kshot.evaluation.evaluate = original
+    assert compare.reusable(rows, {**rows[1], "method_options": {**rows[1]["method_options"], "scale": 5.0}}) is None
+    with pytest.raises(ValueError, match="unknown transductive method 'tmi' after '@'; choose one of tim"):
+        compare.split_method(f"{run}@tmi")
+    assert compare.split_method(f"{run}@tim") == (run, "tim") and compare.split_method(run) == (run, None)

@@ -40,6 +40,10 @@ SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                        "inner_lr": 0.01}),
     "siamese": (CONV, {"batch_size": 16}),
     "simpleshot": (CONV, {"batch_size": 16}),
+    "tim": (CONV, {"batch_size": 16, "iterations": 50}),
+    "bd-cspn": (CONV, {"batch_size": 16}),
+    "pt-map": (CONV, {"batch_size": 16, "epochs": 3}),
+    "laplacianshot": (CONV, {"batch_size": 16}),
     "maml": (CONV, {"inner_lr": 0.1, "test_inner_steps": 2}),
     "anil": (CONV, {"inner_lr": 0.1, "test_inner_steps": 2}),
     "metasgd": (CONV, {"inner_lr": 0.1, "test_inner_steps": 2}),
@@ -122,6 +126,12 @@ def test_adapt_gives_finite_logits_of_shape_queries_by_ways(name):
     logits = predict(learner, task)
     assert logits.shape == (WAYS * QUERIES, WAYS)
     assert bool(torch.isfinite(logits).all())
+    if learner.transductive:  # queries are labelled together: reordering them reorders the rows, no more
+        order = torch.randperm(len(task.query_x), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            shuffled = learner.adapt(task.support_x, task.support_y)(task.query_x[order])
+        torch.testing.assert_close(shuffled, logits[order], atol=1e-4, rtol=1e-4)
+        return
     # Each query is scored on its own: a subset of the queries gives the same rows.
     with torch.no_grad():
         subset = learner.adapt(task.support_x, task.support_y)(task.query_x[2:9])

@@ -3,6 +3,8 @@ Reptile update, learning on a tiny task, adaptation under no_grad, checkpoints a
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,16 +79,151 @@ def test_maml_meta_gradient_matches_reference_loop(strategy):
     assert_close(meta_gradient(model, batch), reference_gradient(model, batch, steps=2, lr=0.3))
 
 
-def test_maml_with_batch_norm_conv_and_per_task_backward_match_reference():
+def test_maml_with_batch_norm_conv_and_every_backward_match_reference():
     model = learner("maml", CONV, inner_steps=2, inner_lr=0.3)
+    assert model.options["backward"] == "auto" and model.tasks_alive(torch.device("cpu"), 3) == 1  # the default
     batch = meta_batch()
     reference = reference_gradient(model, batch, steps=2, lr=0.3)
-    assert_close(meta_gradient(model, batch), reference)
-    model.options["per_task_backward"] = True
+    losses = []
+    for backward in ("auto", "per_task", "whole_batch"):
+        model.options["backward"] = backward
+        assert_close(meta_gradient(model, batch), reference)
+        losses.append(model.loss(batch)[0].item())
+    assert losses == pytest.approx([losses[0]] * 3, rel=1e-5)
+
+
+def saved_activation_elements(model, batch: Episode) -> int:
+    """Elements of the tensors that autograd has saved for backward and that are still alive when `loss`
+    returns, parameters and buffers excluded: what the graph the trainer backpropagates keeps in memory."""
+    saved = []
+    own = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.data_ptr() not in own:
+            saved.append(weakref.ref(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = model.loss(batch)
+    alive = {id(t): t.numel() for t in (ref() for ref in saved) if t is not None}
+    del loss
+    return sum(alive.values())
+
+
+@pytest.mark.parametrize("name,options", [("maml", {}), ("maml", {"first_order": True}), ("anil", {}),
+                                          ("metasgd", {})])
+def test_default_backward_keeps_no_task_graph_alive_after_the_loss(name, options):
+    batch = meta_batch(tasks=4, queries=3)
+    model = learner(name, CONV, inner_steps=2, inner_lr=0.3, **options)
+    kept = saved_activation_elements(model, batch)  # the surrogate's: one gradient per parameter at most
+    assert kept <= sum(p.numel() for p in model.parameters())
+    model.options["backward"] = "whole_batch"  # every task's graph alive until the trainer's backward
+    assert saved_activation_elements(model, batch) > 4 * max(kept, 1)
+
+
+def test_tasks_alive_and_the_memory_warnings_advice_follow_backward_and_strategy(monkeypatch):
+    from kshot.backbones import memory
+
+    cpu = torch.device("cpu")
+    assert learner("maml", CONV).tasks_alive(cpu, 8) == 1
+    assert learner("maml", CONV, backward="whole_batch").tasks_alive(cpu, 8) == 8
+    assert learner("maml", CONV, strategy="vmap").tasks_alive(cpu, 8) == 8
+    assert learner("maml", CONV, task_threads=2).tasks_alive(cpu, 8) == 2
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
+    messages = []
+    for backward in ("auto", "whole_batch"):
+        with pytest.warns(memory.MAMLMemoryWarning) as caught:
+            learner("maml", CONV, backward=backward).loss(meta_batch())
+        messages.append(str(caught[0].message))
+    assert "backward: per_task" not in messages[0] and "set first_order: true" in messages[0]
+    assert "set backward: per_task (one task in memory at a time), first_order: true" in messages[1]
+
+
+def test_per_task_backward_of_old_checkpoints_keeps_what_it_ran(tmp_path):
+    assert learner("maml", per_task_backward=True).options["backward"] == "per_task"
+    assert learner("maml", per_task_backward=False).options["backward"] == "whole_batch"  # the old default
+    old = learner("maml", MLP, per_task_backward=True, strategy="vmap")  # that always ran the loop
+    assert old.options["strategy"] == "loop" and "per_task_backward" not in old.options
+    assert learner("maml", MLP).task_strategy(torch.device("cpu")) == "vmap"  # auto: vmap for an MLP ...
+    assert learner("maml", MLP, backward="per_task").task_strategy(torch.device("cpu")) == "loop"  # ... not here
+    with pytest.raises(ValueError, match="options.per_task_backward: input should be a valid boolean"):
+        learner("maml", per_task_backward="yes")
+    with pytest.raises(ValueError, match="give backward only"):
+        learner("maml", per_task_backward=True, backward="auto")
+    with pytest.raises(ValueError, match="backward: per_task needs strategy loop or auto"):
+        learner("maml", backward="per_task", strategy="vmap")
+    with pytest.raises(ValueError, match=r"options.backward: input should be 'auto', 'per_task' or 'whole_batch'"):
+        learner("maml", backward="each")
+
+
+def loop_and_vmap(name: str, backbone: dict, batch: Episode, train: bool = True, **options) -> list[dict]:
+    """Loss, meta-gradient and buffers after one meta-batch of the same learner under each strategy."""
+    found = []
+    for strategy in ("loop", "vmap"):
+        model = learner(name, backbone, strategy=strategy, **options).train(train)
+        loss, _ = model.loss(batch)
+        loss.backward()
+        found.append({"loss": loss.item(), "grads": [p.grad for p in model.parameters()],
+                      "buffers": dict(model.named_buffers()), "model": model})
+    return found
+
+
+@pytest.mark.parametrize("name,options,reference_options", [
+    ("maml", {}, {}),
+    ("maml", {"first_order": True}, {"first_order": True}),
+    ("anil", {}, {"head_only": True}),
+    ("metasgd", {}, {"learned_lrs": True}),
+])
+def test_vmap_with_batch_norm_gives_the_loops_losses_gradients_and_running_stats(name, options, reference_options):
+    batch = meta_batch(tasks=3)
+    loop, vmap = loop_and_vmap(name, CONV, batch, inner_steps=2, inner_lr=0.3, **options)
+    assert vmap["loss"] == pytest.approx(loop["loss"], rel=1e-5)
+    assert_close(vmap["grads"], loop["grads"])
+    reference = learner(name, CONV, inner_steps=2, inner_lr=0.3, **options).train()
+    assert_close(vmap["grads"], reference_gradient(reference, batch, 2, 0.3, **reference_options))
+    counts = {n: int(b) for n, b in vmap["buffers"].items() if n.endswith("num_batches_tracked")}
+    calls = 2 if name == "anil" else 3  # per task: the support and query passes (+ 1 inner step for MAML)
+    assert counts == {n: 3 * calls for n in counts} and len(counts) == 2
+    for n, b in loop["buffers"].items():
+        torch.testing.assert_close(vmap["buffers"][n], b, atol=1e-6, rtol=1e-5)
+        if n.endswith("running_var"):  # they did move, with the unbiased variance
+            assert not torch.allclose(b, torch.ones_like(b))
+
+
+def test_vmap_running_stats_replay_cumulative_averages_and_eval_mode():
+    def backbone() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5), torch.nn.BatchNorm1d(5, momentum=None),
+                                   torch.nn.ReLU(), torch.nn.BatchNorm1d(5, affine=False))
+    batch = meta_batch(tasks=3)
+    found = []
+    for strategy in ("loop", "vmap"):
+        model = build_learner("maml", IMAGE, backbone(), {"ways": 3, "inner_lr": 0.3, "strategy": strategy}).train()
+        model.loss(batch)[0].backward()
+        found.append(model)
+    for (n, a), (m, b) in zip(found[0].named_buffers(), found[1].named_buffers(), strict=True):
+        assert n == m
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert int(found[1].backbone[2].num_batches_tracked) == 6
+    loop, vmap = loop_and_vmap("maml", CONV, batch, train=False, inner_lr=0.3)  # eval mode: running stats used
+    assert_close(vmap["grads"], loop["grads"])
+    assert all(torch.equal(b, torch.zeros_like(b)) for n, b in vmap["buffers"].items() if "num_batches" in n)
+
+
+def test_vmap_refuses_layers_with_buffers_of_their_own_and_runs_random_layers_per_task():
+    drop_ramp = {"name": "resnet12", "widths": [4, 4, 4, 4], "dropblock_ramp": 10}
+    with pytest.raises(ValueError, match=r"strategy 'vmap' needs a network whose only buffers are batch norm's, "
+                                         r"but it has backbone.blocks.2.drop.seen"):
+        build_learner("maml", (1, 16, 16), drop_ramp, {"strategy": "vmap"})
+    torch.manual_seed(0)
+    model = build_learner("maml", (1, 16, 16), {"name": "resnet12", "widths": [4, 4, 4, 4], "drop_rate": 0.5},
+                          {"ways": 3, "strategy": "vmap", "inner_lr": 0.01}).train()
+    batch = EpisodeSampler(ClassDataset(torch.randint(0, 256, (30, 1, 16, 16), dtype=torch.uint8),
+                                        torch.arange(0, 31, 5), [f"c{i}" for i in range(6)]), 3, 1, 2,
+                           seed=0).sample_batch(2)
     loss, _ = model.loss(batch)
-    model.options["per_task_backward"] = False
-    assert_close(meta_gradient(model, batch), reference)
-    assert loss.item() == pytest.approx(model.loss(batch)[0].item(), rel=1e-5)
+    loss.backward()  # dropout and DropBlock draw under vmap (randomness="different"), batch norm runs
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.backbone.parameters())
 
 
 @pytest.mark.parametrize("name,backbone,options,reference_options", [
@@ -252,8 +389,8 @@ def test_wrong_ways_and_bad_options_raise_clear_errors():
         model.adapt(meta_batch(ways=4).support_x[0], meta_batch(ways=4).support_y[0])
     with pytest.raises(ValueError, match="options.inner_stepz: unknown setting; did you mean 'inner_steps'"):
         learner("maml", inner_stepz=2)
-    with pytest.raises(ValueError, match="vmap"):
-        learner("maml", CONV, strategy="vmap")
+    with pytest.raises(ValueError, match="unknown strategy|input should be 'auto', 'loop' or 'vmap'"):
+        learner("maml", CONV, strategy="vmapp")
     with pytest.raises(ValueError, match="classification"):
         learner("anil", task="regression")
     with pytest.raises(ValueError, match=r"options.inner_steps: input should be greater than or equal to 0 \(got -1\)"):

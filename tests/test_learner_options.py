@@ -24,7 +24,11 @@ WRONG_TYPE = {  # one wrong-typed value for each learner that takes options
     "matching": ("processing_steps", "five"), "r2d2": ("lambda_init", "big"), "relation": ("relation_hidden", 2.5),
     "maml": ("first_order", "sometimes"), "anil": ("inner_lr", "fast"), "metasgd": ("inner_lr_range", "wide"),
     "reptile": ("test_inner_batch_size", True), "siamese": ("margin", "big"), "baseline": ("adapt_batch_size", 2.5),
-    "baseline++": ("scale", "large"), "simpleshot": ("mean_momentum", "slow")}
+    "baseline++": ("scale", "large"), "simpleshot": ("mean_momentum", "slow"),
+    "versa": ("samples_test", 2.5), "protonet-hallucination": ("hallucinate", "many"),
+    "feat": ("temperature", "hot"), "metaoptnet": ("train_iterations", 2.5),
+    "tim": ("iterations", 2.5), "bd-cspn": ("pseudo_per_class", "all"), "pt-map": ("lam", "strong"),
+    "laplacianshot": ("rectify", "sometimes")}
 NOT_DEFAULT = {  # options unlike the defaults, to round-trip
     "matching": {"fce": True, "processing_steps": 2}, "relation": {"relation_channels": 8},
     "maml": {"ways": 3, "test_inner_steps": 4, "task_threads": "auto"}, "anil": {"ways": 3, "first_order": True},

@@ -218,3 +218,101 @@ def test_unknown_options_and_bad_backbones_are_clear_errors():
     learner = build_learner("baseline", IMAGE_SHAPE, CONV, {"num_classes": 3})
     with pytest.raises(ValueError, match="classes"):
         learner.prepare(tiny_dataset(classes=4))
+
+
+# ----------------------------------------------------------------- learners that adapt on fixed backbone features
+FEATURE_SPECS = {**SPECS, "r2d2": ("r2d2", CONV, {"scale_init": 1.0})}
+
+
+def previous_adapt(learner: Learner, support_x: torch.Tensor, support_y: torch.Tensor,
+                   query_x: torch.Tensor) -> torch.Tensor:
+    """What each learner's `adapt` computed before it was split into `embed` + `adapt_embedded` (the bodies of
+    commit 42cb2cf, written out), as an independent reference for the query logits."""
+    import torch.nn.functional as F
+
+    from kshot.learners.baseline import fit_head
+    from kshot.learners.metric import class_means, squared_euclidean
+    from kshot.learners.r2d2 import ridge_weights
+
+    backbone, ways = learner.backbone, int(support_y.max()) + 1
+    if learner.name == "simpleshot":
+        centroids = class_means(learner.transform(backbone(support_x)), support_y, ways)
+        return -squared_euclidean(learner.transform(backbone(query_x)), centroids)
+    if learner.name == "r2d2":
+        weights = ridge_weights(backbone(support_x).flatten(1), F.one_hot(support_y, ways).float(),
+                                learner.log_lambda.exp(), learner.options["double"])
+        return learner.scale * (backbone(query_x).flatten(1) @ weights) + learner.bias
+    if learner.name in ("baseline", "baseline++"):
+        head = learner.new_head(ways)
+        fit_head(head, backbone(support_x), support_y, learner.options["adapt_epochs"], learner.options["adapt_lr"],
+                 learner.options["adapt_batch_size"], learner.options["adapt_seed"])
+        return head(backbone(query_x))
+    if learner.name == "matching":
+        return learner.log_probs(backbone(support_x), support_y, backbone(query_x), ways)
+    if learner.name == "relation":
+        return learner.scores(backbone(support_x), support_y, backbone(query_x), ways)
+    assert learner.name == "siamese"
+    shots = F.one_hot(support_y, ways).float()
+    scores = learner.similarity(backbone(query_x).unsqueeze(1), backbone(support_x).unsqueeze(0))
+    return scores @ (shots / shots.sum(0, keepdim=True))
+
+
+def make_feature_learner(key: str, dataset: ClassDataset) -> Learner:
+    torch.manual_seed(0)
+    learner_name, backbone, options = FEATURE_SPECS[key]
+    learner = build_learner(learner_name, IMAGE_SHAPE, backbone, options)
+    learner.prepare(dataset)
+    warm_up(learner, dataset, steps=2)
+    return learner
+
+
+@pytest.mark.parametrize("key", FEATURE_SPECS)
+def test_adapt_embedded_on_embed_gives_the_logits_adapt_gave(key):
+    dataset = tiny_dataset()
+    learner = make_feature_learner(key, dataset)
+    assert learner.works_on_features and not learner.transductive
+    episode = EpisodeSampler(dataset, ways=4, shots=2, queries=3, seed=5).sample()
+    with torch.no_grad():
+        reference = previous_adapt(learner, episode.support_x, episode.support_y, episode.query_x)
+        adapted = learner.adapt(episode.support_x, episode.support_y)(episode.query_x)
+        embedded = learner.adapt_embedded(learner.embed(episode.support_x), episode.support_y)(
+            learner.embed(episode.query_x))
+    assert reference.shape == (12, 4)
+    torch.testing.assert_close(adapted, reference)
+    torch.testing.assert_close(embedded, reference)
+
+
+@pytest.mark.parametrize("key", FEATURE_SPECS)
+def test_episodes_embedded_together_keep_each_episode_logits(key):
+    """In inference mode an image's features do not depend on its batch: embedding three episodes' images in one
+    pass and fitting each on its slice gives what adapting each episode alone gives (the evaluator's batched path)."""
+    dataset = tiny_dataset()
+    learner = make_feature_learner(key, dataset)
+    batch = EpisodeSet(dataset, ways=3, shots=2, queries=2, count=3, seed=6).gather([0, 1, 2])
+    with torch.no_grad():
+        features = learner.embed(torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)]))
+        support, query = features[:18].unflatten(0, (3, 6)), features[18:].unflatten(0, (3, 6))
+        for e, task in enumerate(batch.unbind()):
+            expected = learner.adapt(task.support_x, task.support_y)(task.query_x)
+            torch.testing.assert_close(learner.adapt_embedded(support[e], task.support_y)(query[e]), expected,
+                                       atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", FEATURE_SPECS)
+def test_evaluation_batched_through_the_fast_backbone_matches_episode_by_episode_adapt(key):
+    dataset = tiny_dataset()
+    learner = make_feature_learner(key, dataset)
+    episodes = EpisodeSet(dataset, ways=3, shots=2, queries=2, count=4, seed=7)
+    outputs = []
+
+    def record(output, target):
+        outputs.append(output)
+        return 0.0
+
+    evaluate(learner, episodes, progress=False, metric=record, episodes_per_batch=3)
+    assert len(outputs) == 4
+    with torch.no_grad():
+        for output, index in zip(outputs, range(4), strict=True):
+            task = episodes[index]
+            expected = learner.adapt(task.support_x, task.support_y)(task.query_x)
+            torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)

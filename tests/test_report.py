@@ -49,3 +49,46 @@ def test_maml_speed_states_the_baselines_own_thread_gain():
     text = maml_speed.thread_gain_text(rows)
     assert "1.33x with 1 query a class" in text and "15 queries" not in text
     assert maml_speed.thread_gain_text(rows[1:]) == ""
+
+
+def test_headline_takes_each_cells_best_row_gpu_first_and_marks_what_is_below_the_paper():
+    import headline
+
+    rows = [row("protonet-omniglot-1shot", 5, 1, 99.1, paper=98.8),  # the best accuracy, but on the CPU
+            row("protonet-omniglot-1shot", 5, 1, 97.0, device="NVIDIA H100", paper=98.8),
+            row("protonet-omniglot-1shot-trainval", 5, 1, 98.5, device="NVIDIA H100", ece=1.234),
+            row("protonet-omniglot-1shot", 20, 1, 95.7, device="NVIDIA H100", paper=96.0),  # paper within the CI
+            row("protonet-omniglot-5shot", 5, 5, 99.9, device="NVIDIA H100", episodes=600),  # too few episodes
+            row("matching-fce-omniglot-1shot", 5, 1, 90.0),  # a method of its own, without a paper figure
+            {**row("protonet-miniimagenet-1shot", 5, 1, 60.0), "dataset": "miniimagenet-test"}]
+    recipes = {("protonet", 5, 5): ["protonet-omniglot-5shot"], ("r2d2", 5, 1): ["r2d2-omniglot-5way-1shot"]}
+    table = headline.headline_table(rows, recipes)
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | setting | paper % | kshot % (95% CI) | vs paper | ECE % | device |")
+    assert lines[2] == ("| protonet | 5-way 1-shot | 98.8 | 98.50 +- 0.50 | -0.30 | 1.23 | NVIDIA H100 | 7.0 min, "
+                        "40 steps | protonet-omniglot-1shot-trainval |")
+    assert lines[3].startswith("| protonet | 20-way 1-shot | 96.0 | 95.70 +- 0.50 | -0.30 |")
+    assert lines[4].startswith("| matching-fce | 5-way 1-shot |  | 90.00 +- 0.50 |  |  | cpu (1 threads) |")
+    assert len([line for line in lines if line.startswith("| ")]) == 4  # the header and 3 cells
+    assert lines[-1] == ("Not scored yet on 1,000 episodes, though a shipped recipe evaluates it: protonet 5-way "
+                         "5-shot (protonet-omniglot-5shot); r2d2 5-way 1-shot (r2d2-omniglot-5way-1shot).")
+    below = headline.headline_table([row("maml-omniglot-5way-1shot", 5, 1, 93.58, paper=98.7)], {})
+    assert "| **-5.12 below** |" in below
+    assert headline.headline_table([row("x-omniglot", 5, 1, 90.0, episodes=200)], {}) == ""
+
+
+def test_report_puts_the_headline_first(tmp_path, monkeypatch):
+    import json
+
+    import headline
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(report, "REPORT", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(headline, "recipe_cells", lambda: {})
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "protonet-omniglot-1shot-gpu.json").write_text(
+        json.dumps([row("protonet-omniglot-1shot", 5, 1, 98.7, device="NVIDIA H100", paper=98.8)]))
+    text = report.write_report().read_text()
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles[:2] == [f"## {headline.TITLE}", "## Few-shot classification accuracy"]
+    assert "| protonet | 5-way 1-shot | 98.8 | 98.70 +- 0.50 | -0.10 |" in text

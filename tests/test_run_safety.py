@@ -298,3 +298,59 @@ def test_metrics_log_is_strict_json_and_one_episode_has_no_interval(data, tmp_pa
     info = json.loads((tmp_path / "checkpoints" / "last" / "checkpoint.json").read_text())
     assert info["validation"]["val_ci95"] is None
 
+
+
+# ------------------------------------------------------------------------------- stopping on Ctrl-C / SIGTERM
+def signalled_at(learner, step, number):
+    """Make the process receive signal `number` while computing the loss of training step `step` (1-based)."""
+    import signal as signals
+
+    calls = {"n": 0}
+    loss = learner.loss
+
+    def signalled(batch):
+        calls["n"] += 1
+        if calls["n"] == step:
+            signals.raise_signal(number)
+        return loss(batch)
+
+    learner.loss = signalled
+    return learner
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_step_in_progress_and_the_run_resumes(name, data, tmp_path):
+    import signal as signals
+
+    from kshot.training.trainer import TrainingInterrupted
+
+    number = getattr(signals, name)
+    before = signals.getsignal(number)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match=rf"stopped by {name} at step 2; checkpoint saved .*--resume"):
+        Trainer(signalled_at(make(data), 2, number), config(steps=6, val_every=0), run, progress=False).fit(data)
+    assert signals.getsignal(number) is before  # the handler is put back
+    assert last_step(run) == 2  # the step being computed when the signal came was finished and saved
+    Trainer(make(data), config(steps=6, val_every=0), run, progress=False).fit(data, resume=True)
+    assert last_step(run) == 6
+    assert [row["step"] for row in rows(run) if "loss" in row] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_ctrl_c_stops_at_once(data, tmp_path):
+    import signal as signals
+
+    learner = make(data)
+    calls = {"n": 0}
+    loss = learner.loss
+
+    def twice(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            signals.raise_signal(signals.SIGINT)
+            signals.raise_signal(signals.SIGINT)
+        return loss(batch)
+
+    learner.loss = twice
+    with pytest.raises(KeyboardInterrupt) as caught:
+        Trainer(learner, config(steps=6, val_every=0), tmp_path / "run", progress=False).fit(data)
+    assert type(caught.value) is KeyboardInterrupt  # not the checkpointed stop

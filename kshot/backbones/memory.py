@@ -3,8 +3,9 @@
 Second-order MAML keeps, for every task of a meta-batch, the graph of every inner step (forward and backward, since
 the outer gradient differentiates through the inner gradients) and of the query pass. Memory therefore grows with
 the activations of one image A (elements of every layer's output; `activation_elements`), the support images times
-the inner steps, the query images, and the tasks whose graphs are alive at once (all of them; one with
-`per_task_backward`). With P the network's parameters, in bytes of float32:
+the inner steps, the query images, and the tasks whose graphs are alive at once (one with the default `backward:
+auto` of the loop over tasks, which backpropagates each task at once; all of them with `backward: whole_batch` or
+the vmap strategy; one per task thread). With P the network's parameters, in bytes of float32:
 
     bytes ~= 4 * A * (1.75 * inner_steps * support + 1.2 * query) * tasks_alive + 4 * P * (inner_steps + 1) + 32 MiB
 
@@ -14,21 +15,22 @@ on ResNet-12 on this project's CPU, each in a fresh process, the growth of its r
 1 to 5 inner steps, 1 to 15 queries a class, 1 to 2 tasks. The formula is within -12% to +27% of every one (the
 resident set itself varied by up to 15% between two runs at the smallest sizes) and above all four full-width
 ones (+1% to +18%): full ResNet-12 at 84x84, 5-way 1-shot 15-query, 5 inner steps, one task, 5.0 GiB measured,
-5.7 GiB estimated. One small point each for per_task_backward (2 tasks: -8%) and first_order (2 tasks: +12%).
+5.7 GiB estimated. One small point each for per-task backward (2 tasks: -8%) and first_order (2 tasks: +12%).
 
 What is extrapolated (ResNet-12 64-160-320-640, 84x84, 5-way, 15 queries a class, second order; GiB):
 
-| inner steps | shots | 1 task | meta-batch 2 | meta-batch 4 | meta-batch 4 with per_task_backward |
+| inner steps | shots | 1 task | meta-batch 2, whole batch | meta-batch 4, whole batch | meta-batch 4, per task |
 |---|---|---|---|---|---|
 | 1 | 1 | 4.1 (3.5 measured) | 8.1 | 16.0 | 4.1 |
 | 5 | 1 | 5.7 (5.0 measured) | 11.1 | 21.8 | 5.7 |
 | 5 | 5 | 12.7 | 25.1 | 50.0 | 12.7 |
 
-So MAML's miniImageNet setting (5 steps, meta-batch 4) on ResNet-12 needs about 22 GiB: more than this 23 GiB
-machine has free, or a 16 GiB GPU, within an 80 GiB H100 (not measured on a GPU: CUDA's caching allocator and
-convolution workspaces add to it). Other backbones use the same formula, fitted on ResNet-12 alone: treat it as a
-rough guide for them. `check_maml_memory` warns, once per setting, when the estimate exceeds the device's free
-memory (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable, or os.sysconf's free pages).
+So MAML's miniImageNet setting (5 steps, meta-batch 4) on ResNet-12 needs about 22 GiB with one graph for the
+meta-batch: more than this 23 GiB machine has free, or a 16 GiB GPU, within an 80 GiB H100 (not measured on a GPU:
+CUDA's caching allocator and convolution workspaces add to it); with the default per-task backward, about 5.7
+GiB. Other backbones use the same formula, fitted on ResNet-12 alone: treat it as a rough guide for them.
+`check_maml_memory` warns, once per setting, when the estimate exceeds the device's free memory (CUDA:
+torch.cuda.mem_get_info; CPU: MemAvailable, or os.sysconf's free pages).
 """
 
 from __future__ import annotations
@@ -122,8 +124,7 @@ def check_maml_memory(learner: Any, batch: Any) -> None:
     options = learner.options
     device = batch.support_x.device
     tasks = batch.batch_size
-    threads = learner.task_thread_count(device, tasks)  # > 1: each thread backpropagates one task at a time
-    alive = 1 if options["per_task_backward"] else threads if threads > 1 else tasks
+    alive = learner.tasks_alive(device, tasks)
     image_shape = tuple(batch.support_x.shape[2:])  # a meta-batch: [tasks, images, *one input's shape]
     support, query = batch.support_x.shape[1], batch.query_x.shape[1]
     key = (image_shape, support, query, tasks, alive, options["inner_steps"], options["first_order"], device)
@@ -140,8 +141,10 @@ def check_maml_memory(learner: Any, batch: Any) -> None:
                              alive, options["first_order"], adapts_backbone)
     if need > free:
         order = "first" if options["first_order"] else "second"
+        advice = "backward: per_task (one task in memory at a time), " if alive > 1 else ""
+        tasks_too = ", tasks" if alive > 1 else ""
         warnings.warn(f"{learner.name}: a {order}-order meta-step of {tasks} task(s) ({support} support and {query} "
                       f"query images of {'x'.join(map(str, image_shape))}, {options['inner_steps']} inner steps) is "
                       f"estimated to need {need / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free "
-                      f"(kshot.backbones.memory); set per_task_backward: true or first_order: true, or use fewer "
-                      f"inner steps, tasks or smaller images", MAMLMemoryWarning, stacklevel=3)
+                      f"(kshot.backbones.memory); set {advice}first_order: true, or use fewer inner steps{tasks_too} "
+                      f"or smaller images", MAMLMemoryWarning, stacklevel=3)

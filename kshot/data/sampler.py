@@ -6,7 +6,7 @@ seed gives the same episodes in any process and on any device), then gathers uin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -170,11 +170,23 @@ class EpisodeSet:
         for index in range(self.count):
             yield self[index]
 
+    def gather(self, indices: Sequence[int] | np.ndarray) -> Episode:
+        """The episodes at `indices` (in that order) as one meta-batch [E, ...], with the images of all of them
+        gathered by one indexing op and converted to the model's input once: the evaluator reads a chunk of
+        episodes this way instead of building every episode's tensors on its own. Episode e of the result is
+        exactly `self[indices[e]]`."""
+        index = np.asarray(indices, dtype=np.int64)
+        if index.ndim != 1 or len(index) == 0:
+            raise ValueError(f"gather takes a non-empty list of episode indices, got shape {index.shape}")
+        outside = index[(index < -self.count) | (index >= self.count)]
+        if len(outside):
+            raise IndexError(f"episode {int(outside[0])} out of range for a set of {self.count}")
+        return build_episode(self.dataset, self.classes[index], self.picks[index], self.shots)
+
     def batches(self, batch_size: int) -> Iterator[Episode]:
         """The episodes in order, as meta-batches of up to `batch_size`."""
         for start in range(0, self.count, batch_size):
-            stop = min(start + batch_size, self.count)
-            yield build_episode(self.dataset, self.classes[start:stop], self.picks[start:stop], self.shots)
+            yield self.gather(np.arange(start, min(start + batch_size, self.count)))
 
     def description(self) -> dict[str, Any]:
         """What identifies these episodes, for results files."""

@@ -11,18 +11,25 @@ from kshot.backbones import build_backbone, module_spec, parse_backbone_spec
 from kshot.config import ConfigError
 from kshot.learners.base import EpisodeShape, EpisodeStream, Learner, Predictor
 from kshot.learners.baseline import Baseline, BaselinePlusPlus
+from kshot.learners.feat import FEAT
+from kshot.learners.hallucination import ProtoNetHallucination
 from kshot.learners.maml import ANIL, MAML, MetaSGD
 from kshot.learners.matching import MatchingNet
+from kshot.learners.metaoptnet import MetaOptNet
 from kshot.learners.protonet import ProtoNet
 from kshot.learners.r2d2 import R2D2
 from kshot.learners.relation import RelationNet
 from kshot.learners.reptile import Reptile
 from kshot.learners.siamese import SiameseNet
 from kshot.learners.simpleshot import SimpleShot
+from kshot.learners.transductive import BDCSPN, PTMAP, TIM, LaplacianShot
+from kshot.learners.versa import Versa
 
 LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (ProtoNet, MatchingNet, RelationNet,
                                                                   MAML, ANIL, MetaSGD, Reptile, SiameseNet,
-                                                                  Baseline, BaselinePlusPlus, SimpleShot, R2D2)}
+                                                                  Baseline, BaselinePlusPlus, SimpleShot, R2D2,
+                                                                  Versa, ProtoNetHallucination, FEAT,
+                                                                  MetaOptNet, TIM, BDCSPN, PTMAP, LaplacianShot)}
 
 
 def register(cls: type[Learner]) -> type[Learner]:

@@ -52,6 +52,7 @@ class Baseline(SupervisedLearner):
     """Baseline: linear classifier pretraining, a new linear head fitted on the support set (`fit_head`)."""
 
     name = "baseline"
+    works_on_features = True
 
     @dataclass(config=STRICT)
     class Options(SupervisedLearner.Options):
@@ -76,18 +77,16 @@ class Baseline(SupervisedLearner):
         return linear_head(self.feature_dim, ways, torch.Generator().manual_seed(0))
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
-        ways = classes_in(support_y)
-        with torch.no_grad():
-            features = self.backbone(support_x)
-        head = self.new_head(ways).to(features.device)
+        return self.adapt_through_features(support_x, support_y)
+
+    def adapt_embedded(self, support: Tensor, support_y: Tensor) -> Predictor:
+        """Fit a new head on the support features (fixed: no gradient reaches the backbone); the head maps query
+        features to logits. Deterministic: the same support set, in any order, gives the same head."""
+        features = support.detach()
+        head = self.new_head(classes_in(support_y)).to(features.device)
         fit_head(head, features, support_y, self.options["adapt_epochs"], self.options["adapt_lr"],
                  self.options["adapt_batch_size"], self.options["adapt_seed"])
-        head.requires_grad_(False)
-
-        def predict(query_x: Tensor) -> Tensor:
-            return head(self.backbone(query_x))
-
-        return predict
+        return head.requires_grad_(False)
 
 
 class BaselinePlusPlus(Baseline):

@@ -111,13 +111,17 @@ def per_task_gradients(module: nn.Module, indices: Iterable[int], tasks: int, ta
                        ) -> tuple[list[Tensor | None], list[Tensor], list[Tensor]]:
     """Backpropagate each task of `indices` as soon as its loss is known (one task's graph alive at a time):
     the summed gradients of loss / tasks with respect to module's trainable parameters (None where unused),
-    and each task's detached loss and outputs."""
+    and each task's detached loss and outputs. The sum is accumulated in place (in a copy of the first gradient
+    that reaches each parameter: autograd.grad may return views, e.g. an expanded one for a summed parameter)."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     grads: list[Tensor | None] = [None] * len(trainable)
     losses, outputs = [], []
     for index in indices:
         loss, out = task_fn(module, index)
-        grads = add_gradients(grads, torch.autograd.grad(loss / tasks, trainable, allow_unused=True))
+        scale = torch.full_like(loss, 1 / tasks)  # d(loss / tasks), without a division node in the graph
+        more = torch.autograd.grad(loss, trainable, grad_outputs=scale, allow_unused=True)
+        grads = [a if b is None else b.clone(memory_format=torch.contiguous_format) if a is None else a.add_(b)
+                 for a, b in zip(grads, more, strict=True)]
         losses.append(loss.detach())
         outputs.append(out.detach())
     return grads, losses, outputs

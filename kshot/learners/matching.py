@@ -71,6 +71,7 @@ class MatchingNet(Learner):
     """Matching Networks (options: see `MatchingNet.Options`)."""
 
     name = "matching"
+    works_on_features = True  # FCE contextualises fixed backbone features, per task, inside adapt_embedded
 
     @dataclass(config=STRICT)
     class Options:
@@ -118,10 +119,10 @@ class MatchingNet(Learner):
         return F.nll_loss(log_probs, labels), {"accuracy": accuracy(log_probs, labels)}
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        return self.adapt_through_features(support_x, support_y)
+
+    def adapt_embedded(self, support: Tensor, support_y: Tensor) -> Predictor:
+        """With FCE, the support set's context embedding g(x_i, S) is built from these features here, and each
+        query's f(x, S) attends to it on its own (no query sees another), so the learner is not transductive."""
         ways = classes_in(support_y)
-        support = self.backbone(support_x)
-
-        def predict(query_x: Tensor) -> Tensor:
-            return self.log_probs(support, support_y, self.backbone(query_x), ways)
-
-        return predict
+        return lambda query: self.log_probs(support, support_y, query, ways)

@@ -49,6 +49,7 @@ class R2D2(Learner):
     """R2-D2: closed-form ridge-regression head on backbone features (options: see `R2D2.Options`)."""
 
     name = "r2d2"
+    works_on_features = True
 
     @dataclass(config=STRICT)
     class Options:
@@ -86,13 +87,14 @@ class R2D2(Learner):
         logits, labels = logits.reshape(-1, batch.ways), batch.query_y.reshape(-1)
         return F.cross_entropy(logits, labels), {"accuracy": accuracy(logits, labels)}
 
+    def embed(self, images: Tensor) -> Tensor:
+        """Backbone features flattened to vectors [M, D] (feature maps included), as the ridge fit takes them."""
+        return self.backbone(images).flatten(1)
+
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
-        ways = classes_in(support_y)
-        support = self.backbone(support_x).flatten(1)
-        targets = F.one_hot(support_y, ways).to(support.dtype)
+        return self.adapt_through_features(support_x, support_y)
+
+    def adapt_embedded(self, support: Tensor, support_y: Tensor) -> Predictor:
+        targets = F.one_hot(support_y, classes_in(support_y)).to(support.dtype)
         weights = ridge_weights(support, targets, self.log_lambda.exp(), self.options["double"])
-
-        def predict(query_x: Tensor) -> Tensor:
-            return self.scale * (self.backbone(query_x).flatten(1) @ weights) + self.bias
-
-        return predict
+        return lambda query: self.scale * (query @ weights) + self.bias

@@ -51,6 +51,7 @@ class RelationNet(Learner):
     """Relation Networks on a feature-map backbone (conv4 with flatten: false)."""
 
     name = "relation"
+    works_on_features = True  # embed gives the backbone's feature maps [M, C, h, w]; the relation module scores them
 
     @dataclass(config=STRICT)
     class Options:
@@ -88,10 +89,8 @@ class RelationNet(Learner):
         return loss, {"accuracy": accuracy(scores, labels)}
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        return self.adapt_through_features(support_x, support_y)
+
+    def adapt_embedded(self, support: Tensor, support_y: Tensor) -> Predictor:
         ways = classes_in(support_y)
-        support_maps = self.backbone(support_x)
-
-        def predict(query_x: Tensor) -> Tensor:
-            return self.scores(support_maps, support_y, self.backbone(query_x), ways)
-
-        return predict
+        return lambda query: self.scores(support, support_y, query, ways)

@@ -28,6 +28,7 @@ class SiameseNet(Learner):
 
     name = "siamese"
     trains_on_episodes = False  # trains on batches of pairs
+    works_on_features = True
 
     @dataclass(config=STRICT)
     class Options:
@@ -69,14 +70,14 @@ class SiameseNet(Learner):
         return loss, {"pair_accuracy": 100 * (predicted_same == same.bool()).float().mean().item()}  # percent
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
-        ways = classes_in(support_y)
-        support = self.backbone(support_x)
-        one_hot = F.one_hot(support_y, ways).to(support.dtype)
+        return self.adapt_through_features(support_x, support_y)
+
+    def adapt_embedded(self, support: Tensor, support_y: Tensor) -> Predictor:
+        one_hot = F.one_hot(support_y, classes_in(support_y)).to(support.dtype)
         one_hot = one_hot / one_hot.sum(0, keepdim=True)  # mean over each class's shots
 
-        def predict(query_x: Tensor) -> Tensor:
-            scores = self.similarity(self.backbone(query_x).unsqueeze(1), support.unsqueeze(0))  # [Q, M]
-            return scores @ one_hot
+        def predict(query: Tensor) -> Tensor:
+            return self.similarity(query.unsqueeze(1), support.unsqueeze(0)) @ one_hot  # [Q, M] @ [M, N]
 
         return predict
 

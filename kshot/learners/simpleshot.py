@@ -24,6 +24,7 @@ class SimpleShot(SupervisedLearner):
     batch means of the training features, so it is saved with the weights."""
 
     name = "simpleshot"
+    works_on_features = True
 
     @dataclass(config=STRICT)
     class Options(SupervisedLearner.Options):
@@ -54,10 +55,14 @@ class SimpleShot(SupervisedLearner):
             features = features - self.feature_mean
         return F.normalize(features, dim=-1) if mode in ("cl2n", "l2n") else features
 
+    def embed(self, images: Tensor) -> Tensor:
+        """Backbone features under the chosen normalisation: the transform acts on each feature alone, so it
+        belongs to the embedding (and is applied once to a whole batch of episodes' images)."""
+        return self.transform(self.backbone(images))
+
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Predictor:
-        centroids = class_means(self.transform(self.backbone(support_x)), support_y, classes_in(support_y))
+        return self.adapt_through_features(support_x, support_y)
 
-        def predict(query_x: Tensor) -> Tensor:
-            return -squared_euclidean(self.transform(self.backbone(query_x)), centroids)
-
-        return predict
+    def adapt_embedded(self, support: Tensor, support_y: Tensor) -> Predictor:
+        centroids = class_means(support, support_y, classes_in(support_y))
+        return lambda query: -squared_euclidean(query, centroids)

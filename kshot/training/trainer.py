@@ -3,8 +3,9 @@ and last checkpoints, logs metrics as JSON lines, and resumes exactly where a st
 
 Runs cannot be lost: the trainer locks its folder, sets an old run aside (rather than deleting it) until the
 new one has checkpointed, saves `last` on a step/time cadence besides validation, refuses to resume with
-settings that change what is trained, and stops with `TrainingDivergedError` as soon as anything goes
-non-finite."""
+settings that change what is trained, stops with `TrainingDivergedError` as soon as anything goes
+non-finite, and on Ctrl-C or SIGTERM saves `last` at the end of the current step before stopping
+(`TrainingInterrupted`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from kshot.learners import EpisodeShape, Learner
 from kshot.progress import progress_bar
 from kshot.training import run_folder
 from kshot.training.checkpoint import load_learner_weights, load_trainer_state, read_info, save_checkpoint
+from kshot.training.interrupt import StopRequest, TrainingInterrupted
 from kshot.training.optim import build_optimizer, build_scheduler
 from kshot.training.run_folder import CHECKPOINTS, RunExistsError, RunLockedError
 
@@ -36,7 +38,7 @@ METRICS_FILE = "metrics.jsonl"
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINTS", "METRICS_FILE", "ResumeSettingsError", "RunExistsError", "RunLockedError", "Trainer",
-           "TrainingDivergedError", "json_line"]
+           "TrainingDivergedError", "TrainingInterrupted", "json_line"]
 
 
 class ResumeSettingsError(ConfigError):
@@ -213,48 +215,61 @@ class Trainer:
                            enabled=self.progress and main, dynamic_ncols=True)
         started = time.perf_counter() - self.train_seconds
         self._saved_at = time.perf_counter()
+        stop = StopRequest()
         try:
-            while self.step < config.steps:
-                out_of_time = config.time_budget_s is not None and \
-                    time.perf_counter() - started >= config.time_budget_s
-                if group is not None:
-                    out_of_time = distributed.any_process(out_of_time and main, self.device)
-                if out_of_time:
-                    break
-                batch = next(stream)
-                if self._augmenter is not None:  # on the device, before the batch is split between processes,
-                    batch = self._augmenter(move(batch, self.device))  # so any process count sees the same images
-                if group is not None:
-                    batch = distributed.shard(batch, group.rank, group.world_size)
-                batch = move(batch, self.device)
-                self.learner.train()
-                loss, metrics = self.learner.loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if group is not None:
-                    names = sorted(metrics)
-                    values = distributed.average_gradients(trained, [loss.item()] + [metrics[k] for k in names])
-                    loss, metrics = values[0], dict(zip(names, values[1:]))
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.learner.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                if group is not None:
-                    distributed.average_buffers(self.learner)
-                self.step += 1
-                self.train_seconds = time.perf_counter() - started
-                loss_value = self._check_finite(loss, trained)
-                if log is not None and self.step % config.log_every == 0:
-                    row = {"step": self.step, "loss": loss_value, **metrics, "lr": scheduler.get_last_lr()[0],
-                           "seconds": round(self.train_seconds, 3)}
-                    log.write(json_line(row))
-                    bar.set_postfix(loss=f"{loss_value:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
-                bar.update(1)
-                at_end = self.step >= config.steps
-                if (config.val_every > 0 and self.step % config.val_every == 0) or at_end:
-                    history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
-                elif main and self._checkpoint_due():
-                    self._save_last(optimizer, scheduler, stream, log)
+            with stop:
+                while self.step < config.steps:
+                    out_of_time = config.time_budget_s is not None and \
+                        time.perf_counter() - started >= config.time_budget_s
+                    stopping = stop.requested
+                    if group is not None:
+                        out_of_time = distributed.any_process(out_of_time and main, self.device)
+                        stopping = distributed.any_process(stopping, self.device)
+                    if stopping:
+                        if main:
+                            self._save_last(optimizer, scheduler, stream, log)
+                        raise TrainingInterrupted(
+                            f"training stopped by {stop.signal_name or 'another process'} at step {self.step}; "
+                            f"checkpoint saved in {self.last_dir}: continue with --resume (kshot train) or "
+                            f"resume=True (Trainer.fit)")
+                    if out_of_time:
+                        break
+                    batch = next(stream)
+                    if self._augmenter is not None:  # on the device, before the batch is split between
+                        # processes, so that any process count sees the same images
+                        batch = self._augmenter(move(batch, self.device))
+                    if group is not None:
+                        batch = distributed.shard(batch, group.rank, group.world_size)
+                    batch = move(batch, self.device)
+                    self.learner.train()
+                    loss, metrics = self.learner.loss(batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if group is not None:
+                        names = sorted(metrics)
+                        values = distributed.average_gradients(trained,
+                                                               [loss.item()] + [metrics[k] for k in names])
+                        loss, metrics = values[0], dict(zip(names, values[1:]))
+                    if config.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(self.learner.parameters(), config.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    if group is not None:
+                        distributed.average_buffers(self.learner)
+                    self.step += 1
+                    self.train_seconds = time.perf_counter() - started
+                    loss_value = self._check_finite(loss, trained)
+                    if log is not None and self.step % config.log_every == 0:
+                        row = {"step": self.step, "loss": loss_value, **metrics, "lr": scheduler.get_last_lr()[0],
+                               "seconds": round(self.train_seconds, 3)}
+                        log.write(json_line(row))
+                        bar.set_postfix(loss=f"{loss_value:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+                    bar.update(1)
+                    at_end = self.step >= config.steps
+                    if (config.val_every > 0 and self.step % config.val_every == 0) or at_end:
+                        history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
+                    elif main and self._checkpoint_due():
+                        self._save_last(optimizer, scheduler, stream, log)
             validated = bool(history) and history[-1]["step"] == self.step
             if self.step < config.steps and not validated:  # stopped by the time budget: keep what was reached
                 history.append(self._validate_and_save(val_set, optimizer, scheduler, stream, log, main))
