@@ -159,6 +159,46 @@ def reusable(previous: Sequence[dict[str, Any]], row: dict[str, Any]) -> dict[st
                  and p.get("method_options") == row.get("method_options")), None)
 
 
+def shared_test_set(loaded: Sequence[tuple[str, Path, Any, dict[str, Any]]], device: str, split: str | None = None,
+                    purpose: str = "compare runs of one dataset") -> tuple[Any, str]:
+    """The test split that all `loaded` runs (`load_runs`) were trained with (or `split`), loaded once and put on
+    `device`, and its fingerprint (printed); an error ending in `purpose` when the runs disagree on the dataset or
+    the split, since identical episodes need one test set."""
+    from kshot.data.registry import load_dataset
+
+    specs = {json.dumps(info["recipe"]["dataset"], sort_keys=True) for *_, info in loaded}
+    splits = {split or info["recipe"]["splits"].get("test", "test") for *_, info in loaded}
+    if len(specs) > 1 or len(splits) > 1:
+        raise ValueError(f"the runs were trained on different datasets or splits ({sorted(specs)}, "
+                         f"{sorted(splits)}); {purpose}")
+    dataset = load_dataset(json.loads(specs.pop()), splits.pop())
+    fingerprint = dataset.fingerprint()
+    print(f"test set {dataset.name}: fingerprint {fingerprint}, {dataset.num_classes} classes", flush=True)
+    if device != "cpu":
+        dataset = dataset.to(device)
+    return dataset, fingerprint
+
+
+def fixed_episodes(dataset: Any, ways: int, shots: int, queries: int, episodes: int, seed: int) -> tuple[Any, str]:
+    """The one `EpisodeSet` every run of a setting is scored on, and its digest (printed)."""
+    from kshot.data.sampler import EpisodeSet
+
+    episode_set = EpisodeSet(dataset, ways, shots, queries, episodes, seed=seed)
+    digest = episodes_digest(episode_set)
+    print(f"{ways}-way {shots}-shot: {episodes} episodes, seed {seed}, episodes digest {digest}", flush=True)
+    return episode_set, digest
+
+
+def scored(label: str, learner: Any, episode_set: Any, bn_mode: str, device: str, progress: bool) -> Any:
+    """`kshot.evaluation.evaluate` of one run on the episode set, its accuracy, CI and ECE printed."""
+    from kshot.evaluation import evaluate
+
+    result = evaluate(learner, episode_set, bn_mode=bn_mode, device=device, progress=progress)
+    print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ECE {ece_cell(result.as_row())}"
+          f"  ({result.seconds:.0f} s)", flush=True)
+    return result
+
+
 def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: int = 1000, queries: int = 15,
             seed: int = 0, device: str = "cpu", split: str | None = None, bn_mode: str | None = None,
             progress: bool = True, all_settings: bool = False, previous: Sequence[dict[str, Any]] = ()
@@ -166,29 +206,14 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
     """Evaluate every run on the same fixed episode sets; one result row per (run, setting) scored (each run
     on the settings its recipe evaluates, or on all of them with all_settings). A row of `previous` for the
     same weights and the same episodes is reused instead of evaluating again."""
-    from kshot.data.registry import load_dataset
-    from kshot.data.sampler import EpisodeSet
-    from kshot.evaluation import evaluate
     from kshot.pipeline import current_commit, device_name
 
     loaded = load_runs(runs, device)
-    specs = {json.dumps(info["recipe"]["dataset"], sort_keys=True) for *_, info in loaded}
-    splits = {split or info["recipe"]["splits"].get("test", "test") for *_, info in loaded}
-    if len(specs) > 1 or len(splits) > 1:
-        raise ValueError(f"the runs were trained on different datasets or splits ({sorted(specs)}, "
-                         f"{sorted(splits)}); compare runs of one dataset")
-    dataset = load_dataset(json.loads(specs.pop()), splits.pop())
-    fingerprint = dataset.fingerprint()
-    print(f"test set {dataset.name}: fingerprint {fingerprint}, {dataset.num_classes} classes", flush=True)
-    if device != "cpu":
-        dataset = dataset.to(device)
+    dataset, fingerprint = shared_test_set(loaded, device, split)
     rows = []
     commit, today = current_commit(), time.strftime("%Y-%m-%d")
     for ways, shots in settings:
-        episode_set = EpisodeSet(dataset, ways, shots, queries, episodes, seed=seed)
-        digest = episodes_digest(episode_set)
-        print(f"{ways}-way {shots}-shot: {episodes} episodes, seed {seed}, episodes digest {digest}",
-              flush=True)
+        episode_set, digest = fixed_episodes(dataset, ways, shots, queries, episodes, seed)
         for label, folder, learner, info in loaded:
             declared = recipe_settings(info)
             if not all_settings and declared is not None and (ways, shots) not in declared:
@@ -206,9 +231,7 @@ def compare(runs: Sequence[str], settings: Sequence[tuple[int, int]], episodes: 
                       "  (reused)", flush=True)
                 rows.append({**earlier, "run": label, "checkpoint": str(folder)})
                 continue
-            result = evaluate(learner, episode_set, bn_mode=mode, device=device, progress=progress)
-            print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ECE {ece_cell(result.as_row())}"
-                  f"  ({result.seconds:.0f} s)", flush=True)
+            result = scored(label, learner, episode_set, mode, device, progress)
             rows.append({
                 "method": learner.name, "transductive": result.transductive,
                 **({"trained_as": info["model"]["learner"], "method_options": key["method_options"]}

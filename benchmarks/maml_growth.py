@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,31 +57,6 @@ def setup(learner_name: str, queries: int, seed: int = 0) -> tuple[Any, Any]:
     return learner.train(), batch
 
 
-def resident_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def growth_during(run: Any) -> float:
-    """Growth of the resident set in MB while `run()` executes (sampled every 0.5 ms, and ru_maxrss)."""
-    before = resident_mb()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], resident_mb())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    run()
-    done.set()
-    sampler.join()
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    return max(peak[0], max_rss) - before
-
-
 def load_average() -> float:
     with open("/proc/loadavg") as loadavg:
         return float(loadavg.read().split()[0])
@@ -93,6 +66,7 @@ def probe(learner_name: str, backward: str, queries: int, repeats: int) -> dict[
     """In this (fresh) process: memory growth of the first meta-batch, then the median times of `repeats` more."""
     sys.path.insert(0, str(HERE))
     from clone_adapt_baseline import meta_batch_backward
+    from maml_memory import peak_during
 
     learner, batch = setup(learner_name, queries)
     if learner_name == BASELINE:
@@ -109,7 +83,7 @@ def probe(learner_name: str, backward: str, queries: int, repeats: int) -> dict[
 
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     load_before = load_average()
-    growth = growth_during(run)
+    growth = peak_during(run)
     optimizer.step()
     walls, cpus = [], []
     for _ in range(repeats):

@@ -105,8 +105,11 @@ def probe(widths: list[int], size: int, steps: int, queries: int, tasks: int, op
         return {**row, "peak_mb": None, "free_mb": torch.cuda.mem_get_info()[1] / 2**20}
 
 
-def peak_during(run: Any) -> float:
-    """Growth of the resident set in MB while `run()` executes (sampled, and the kernel's ru_maxrss)."""
+def peak_during(run: Any, kernel_peak: bool = True) -> float:
+    """Growth of the resident set in MB while `run()` executes, sampled every 0.5 ms by a thread; with
+    `kernel_peak`, also the kernel's ru_maxrss (which catches a spike between two samples, but is the peak of the
+    whole process so far, so it suits a fresh process), else the resident set once `run()` has returned.
+    benchmarks/maml_growth.py and maml_speed.py measure with it too."""
     before = resident_mb()
     peak = [before]
     done = threading.Event()
@@ -121,11 +124,12 @@ def peak_during(run: Any) -> float:
     run()
     done.set()
     sampler.join()
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    return max(peak[0], max_rss) - before
+    end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if kernel_peak else resident_mb()  # kB
+    return max(peak[0], end) - before
 
 
 def resident_mb() -> float:
+    """The resident set size of this process in MB (Linux)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,21 +99,9 @@ def peak_during(run: Any, device: str) -> float:
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = resident_mb()
-    peak = [before]
-    done = threading.Event()
+    from maml_memory import peak_during as resident_growth_during
 
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], resident_mb())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    run()
-    done.set()
-    sampler.join()
-    return max(peak[0], resident_mb()) - before
+    return resident_growth_during(run, kernel_peak=False)
 
 
 def measure(method: str, queries: int, device: str, repeats: int, dtype: torch.dtype = torch.float32
@@ -217,12 +203,6 @@ def measure_in_rounds(probes: list[tuple[str, int]], queries: int, device: str, 
         for method, threads in probes:
             found[(method, threads)].append(measure_in_fresh_process(method, queries, device, threads, repeats))
     return {probe: {**runs[0], "ms": sorted(r["ms"] for r in runs)[len(runs) // 2]} for probe, runs in found.items()}
-
-
-def resident_mb() -> float:
-    """The resident set size of this process in MB (Linux)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def section(rows: list[dict]) -> str:

@@ -32,10 +32,12 @@ if str(HERE) not in sys.path:
 
 from compare import (  # noqa: E402
     ece_cell,
-    episodes_digest,
+    fixed_episodes,
     load_runs,
     parse_settings,
     recipe_settings,
+    scored,
+    shared_test_set,
     weights_digest,
 )
 
@@ -94,37 +96,18 @@ def paired_gain(baseline: str, candidate: str, settings: Sequence[tuple[int, int
                 bn_mode: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Score both runs on the same episode set for each setting; two rows per setting (baseline, candidate),
     each carrying the pair's paired gain. bn_mode None: each run's recipe's batch-norm mode."""
-    from kshot.data.registry import load_dataset
-    from kshot.data.sampler import EpisodeSet
-    from kshot.evaluation import evaluate
     from kshot.pipeline import current_commit, device_name
 
     loaded = load_runs([baseline, candidate], device)
     infos = [info for *_, info in loaded]
-    specs = {json.dumps(info["recipe"]["dataset"], sort_keys=True) for info in infos}
-    splits = {info["recipe"]["splits"].get("test", "test") for info in infos}
-    if len(specs) > 1 or len(splits) > 1:
-        raise ValueError(f"the runs were trained on different datasets or splits ({sorted(specs)}, "
-                         f"{sorted(splits)}); a paired gain needs runs of one dataset")
-    dataset = load_dataset(json.loads(specs.pop()), splits.pop())
-    fingerprint = dataset.fingerprint()
-    print(f"test set {dataset.name}: fingerprint {fingerprint}, {dataset.num_classes} classes", flush=True)
-    if device != "cpu":
-        dataset = dataset.to(device)
+    dataset, fingerprint = shared_test_set(loaded, device, purpose="a paired gain needs runs of one dataset")
     pair = f"{loaded[1][0]} vs {loaded[0][0]}"
     commit, today = current_commit(), time.strftime("%Y-%m-%d")
     rows = []
     for ways, shots in settings or shared_settings(infos):
-        episode_set = EpisodeSet(dataset, ways, shots, queries, episodes, seed=seed)
-        digest = episodes_digest(episode_set)
-        print(f"{ways}-way {shots}-shot: {episodes} episodes, seed {seed}, episodes digest {digest}", flush=True)
-        results = []
-        for label, _, learner, info in loaded:
-            mode = bn_mode or info["recipe"].get("bn_mode", "inference")
-            result = evaluate(learner, episode_set, bn_mode=mode, device=device, progress=progress)
-            print(f"  {label:40s} {result.accuracy:6.2f} +- {result.ci95:.2f}  ECE {ece_cell(result.as_row())}"
-                  f"  ({result.seconds:.0f} s)", flush=True)
-            results.append(result)
+        episode_set, digest = fixed_episodes(dataset, ways, shots, queries, episodes, seed)
+        results = [scored(label, learner, episode_set, bn_mode or info["recipe"].get("bn_mode", "inference"),
+                          device, progress) for label, _, learner, info in loaded]
         scores = [[100 * s for s in r.per_episode] for r in results]
         gain, gain_ci = paired_difference(*scores)
         wins, ties, losses = wins_ties_losses(*scores)

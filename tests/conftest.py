@@ -35,6 +35,60 @@ def synthetic_dataset(classes: int = 12, per_class: int | list[int] = 8, size: i
                         name="synthetic")
 
 
+def write_image_folders(root: Path, classes: int, per_class: int, seed: int) -> None:
+    """root/classNN/i.png: `classes` folders of `per_class` 16x16 grey PNGs, each class a random pattern plus
+    noise (the on-disk data of the tests that train and compare real run folders)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c:02d}"
+        folder.mkdir(parents=True)
+        base = rng.integers(0, 255, (16, 16))
+        for i in range(per_class):
+            pixels = np.clip(base + rng.integers(-20, 20, (16, 16)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def train_tiny_run(data: Path, learner: str, out: Path, options: dict, backbone: dict | None = None,
+                   evaluate: list | None = None) -> Path:
+    """A two-step training run of `learner` on the image folders data/train and data/test (3-way 1-shot, no
+    validation), written to the run folder `out`; its recipe evaluates `evaluate` (default: nothing)."""
+    from kshot.pipeline import train_recipe
+    from kshot.recipe import Recipe
+
+    recipe = Recipe.from_dict({
+        "learner": learner, "backbone": backbone or {"name": "conv4", "hidden": 8}, "options": options,
+        "dataset": {"name": "folder", "path": str(data), "image_size": 16, "channels": 1},
+        "splits": {"train": "train", "val": "", "test": "test"},
+        "train": {"ways": 3, "shots": 1, "queries": 2, "steps": 2, "val_every": 0, "val_shots": 1},
+        "evaluate": evaluate or [],
+    }, name=learner)
+    train_recipe(recipe, out, progress=False)
+    return out
+
+
+def losses_before_and_after_training(learner: torch.nn.Module, batches: list, epochs: int = 5,
+                                     lr: float = 0.01) -> tuple[float, float]:
+    """The learner's mean loss over `batches` (without gradients) before and after `epochs` passes of Adam over
+    them, one step a batch: the learner tests' check that a short run lowers the loss."""
+    optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return sum(learner.loss(b)[0].item() for b in batches) / len(batches)
+
+    before = mean_loss()
+    for _ in range(epochs):
+        for b in batches:
+            loss, _ = learner.loss(b)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return before, mean_loss()
+
+
 @pytest.fixture
 def toy() -> ClassDataset:
     return synthetic_dataset()

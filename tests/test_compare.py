@@ -5,50 +5,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-from kshot.pipeline import train_recipe
-from kshot.recipe import Recipe
+from conftest import train_tiny_run, write_image_folders
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare  # noqa: E402
 
 
-def write_folder(root: Path, classes: int, per_class: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = root / f"class{c:02d}"
-        folder.mkdir(parents=True)
-        base = rng.integers(0, 255, (16, 16))
-        for i in range(per_class):
-            pixels = np.clip(base + rng.integers(-20, 20, (16, 16)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-
-
-def tiny_run(data: Path, learner: str, out: Path, options: dict, backbone: dict | None = None,
-             evaluate: list | None = None) -> Path:
-    recipe = Recipe.from_dict({
-        "learner": learner, "backbone": backbone or {"name": "conv4", "hidden": 8}, "options": options,
-        "dataset": {"name": "folder", "path": str(data), "image_size": 16, "channels": 1},
-        "splits": {"train": "train", "val": "", "test": "test"},
-        "train": {"ways": 3, "shots": 1, "queries": 2, "steps": 2, "val_every": 0, "val_shots": 1},
-        "evaluate": evaluate or [],
-    }, name=learner)
-    train_recipe(recipe, out, progress=False)
-    return out
-
-
-
 def test_runs_are_compared_on_identical_episodes(tmp_path, capsys):
     data = tmp_path / "data"
-    write_folder(data / "train", classes=6, per_class=4, seed=0)
-    write_folder(data / "test", classes=5, per_class=4, seed=1)
-    runs = [str(tiny_run(data, "matching", tmp_path / "matching", {})),
-            str(tiny_run(data, "simpleshot", tmp_path / "simpleshot", {"batch_size": 8})),
-            str(tiny_run(data, "relation", tmp_path / "relation", {"relation_channels": 8},
-                         {"name": "conv4", "hidden": 8, "flatten": False}) / "checkpoints" / "best")]
+    write_image_folders(data / "train", classes=6, per_class=4, seed=0)
+    write_image_folders(data / "test", classes=5, per_class=4, seed=1)
+    runs = [str(train_tiny_run(data, "matching", tmp_path / "matching", {})),
+            str(train_tiny_run(data, "simpleshot", tmp_path / "simpleshot", {"batch_size": 8})),
+            str(train_tiny_run(data, "relation", tmp_path / "relation", {"relation_channels": 8},
+                               {"name": "conv4", "hidden": 8, "flatten": False}) / "checkpoints" / "best")]
     rows = compare.compare(runs, compare.parse_settings("3x1,5x2"), episodes=4, queries=2, progress=False)
     assert len(rows) == 6
     assert {r["run"] for r in rows} == {"matching", "simpleshot", "relation"}
@@ -63,12 +34,12 @@ def test_runs_are_compared_on_identical_episodes(tmp_path, capsys):
 
 def test_runs_are_scored_on_their_recipes_settings_and_share_a_row_per_method(tmp_path):
     data = tmp_path / "data"
-    write_folder(data / "train", classes=6, per_class=4, seed=0)
-    write_folder(data / "test", classes=5, per_class=4, seed=1)
+    write_image_folders(data / "train", classes=6, per_class=4, seed=0)
+    write_image_folders(data / "test", classes=5, per_class=4, seed=1)
     one = {"ways": 3, "shots": 1, "queries": 2, "episodes": 4}
     two = {"ways": 3, "shots": 2, "queries": 2, "episodes": 4}
-    runs = [str(tiny_run(data, "protonet", tmp_path / "proto-1shot", {}, evaluate=[one])),
-            str(tiny_run(data, "protonet", tmp_path / "proto-2shot", {}, evaluate=[two]))]
+    runs = [str(train_tiny_run(data, "protonet", tmp_path / "proto-1shot", {}, evaluate=[one])),
+            str(train_tiny_run(data, "protonet", tmp_path / "proto-2shot", {}, evaluate=[two]))]
     rows = compare.compare(runs, compare.parse_settings("3x1,3x2"), episodes=4, queries=2, progress=False)
     assert [(r["run"], r["shots"]) for r in rows] == [("proto-1shot", 1), ("proto-2shot", 2)]
     text = compare.section([{**r, "comparison": "comparison-test", "command": "cmd"} for r in rows])
@@ -101,9 +72,9 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 def test_a_runs_backbone_is_scored_with_transductive_methods_beside_it(tmp_path, capsys):
     data = tmp_path / "data"
-    write_folder(data / "train", classes=6, per_class=4, seed=0)
-    write_folder(data / "test", classes=5, per_class=4, seed=1)
-    run = str(tiny_run(data, "protonet", tmp_path / "proto", {}))
+    write_image_folders(data / "train", classes=6, per_class=4, seed=0)
+    write_image_folders(data / "test", classes=5, per_class=4, seed=1)
+    run = str(train_tiny_run(data, "protonet", tmp_path / "proto", {}))
     runs = [run, f"{run}@bd-cspn", f"{run}@laplacianshot", f"{run}@pt-map"]
     rows = compare.compare(runs, compare.parse_settings("3x1"), episodes=3, queries=2, progress=False)
     assert [(r["run"], r["method"], r["transductive"]) for r in rows] == [

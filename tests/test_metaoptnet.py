@@ -12,7 +12,7 @@ from itertools import islice
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_dataset
+from conftest import losses_before_and_after_training, synthetic_dataset
 from torch import nn
 
 from kshot.episode import Episode
@@ -251,17 +251,5 @@ def test_short_training_run_lowers_the_loss():
     learner = build_learner("metaoptnet", (1, 12, 12), {"name": "conv4", "hidden": 8, "depth": 3},
                             {"train_iterations": 5})
     batches = list(islice(learner.training_stream(dataset, EpisodeShape(5, 2, 3, meta_batch=2), seed=0), 4))
-    optimizer = torch.optim.Adam(learner.parameters(), lr=0.01)
-
-    def mean_loss() -> float:
-        with torch.no_grad():
-            return sum(learner.loss(b)[0].item() for b in batches) / len(batches)
-
-    before = mean_loss()
-    for _ in range(5):
-        for b in batches:
-            loss, _ = learner.loss(b)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    assert mean_loss() < 0.8 * before
+    before, after = losses_before_and_after_training(learner, batches, epochs=5, lr=0.01)
+    assert after < 0.8 * before

@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import train_tiny_run, write_image_folders
 
 from kshot.evaluation import mean_ci95 as kshot_mean_ci95
-from kshot.pipeline import train_recipe
-from kshot.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paired_gain  # noqa: E402
@@ -54,35 +52,14 @@ def test_pairing_removes_the_variation_between_episodes():
                                                                  / math.sqrt(2))
 
 
-def write_folder(root: Path, classes: int, per_class: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = root / f"class{c:02d}"
-        folder.mkdir(parents=True)
-        base = rng.integers(0, 255, (16, 16))
-        for i in range(per_class):
-            Image.fromarray(np.clip(base + rng.integers(-20, 20, (16, 16)), 0, 255).astype(np.uint8)).save(
-                folder / f"{i}.png")
-
-
-def tiny_run(data: Path, learner: str, out: Path, options: dict) -> Path:
-    recipe = Recipe.from_dict({
-        "learner": learner, "backbone": {"name": "conv4", "hidden": 8}, "options": options,
-        "dataset": {"name": "folder", "path": str(data), "image_size": 16, "channels": 1},
-        "splits": {"train": "train", "val": "", "test": "test"},
-        "train": {"ways": 3, "shots": 1, "queries": 2, "steps": 2, "val_every": 0, "val_shots": 1},
-        "evaluate": [{"ways": 3, "shots": 1, "queries": 2, "episodes": 4}],
-    }, name=learner)
-    train_recipe(recipe, out, progress=False)
-    return out
-
-
 def test_two_runs_are_scored_on_the_same_episodes_with_their_paired_gain(tmp_path):
     data = tmp_path / "data"
-    write_folder(data / "train", classes=6, per_class=4, seed=0)
-    write_folder(data / "test", classes=5, per_class=4, seed=1)
-    baseline = tiny_run(data, "protonet", tmp_path / "proto", {})
-    candidate = tiny_run(data, "protonet-hallucination", tmp_path / "hall", {"hallucinate": 2})
+    write_image_folders(data / "train", classes=6, per_class=4, seed=0)
+    write_image_folders(data / "test", classes=5, per_class=4, seed=1)
+    setting = [{"ways": 3, "shots": 1, "queries": 2, "episodes": 4}]  # what both recipes evaluate
+    baseline = train_tiny_run(data, "protonet", tmp_path / "proto", {}, evaluate=setting)
+    candidate = train_tiny_run(data, "protonet-hallucination", tmp_path / "hall", {"hallucinate": 2},
+                               evaluate=setting)
     rows = paired_gain.paired_gain(str(baseline), str(candidate), episodes=6, queries=2, progress=False)
     assert [(r["role"], r["method"], r["ways"], r["shots"]) for r in rows] == [
         ("baseline", "protonet", 3, 1), ("candidate", "protonet-hallucination", 3, 1)]  # the recipes' setting

@@ -6,16 +6,15 @@ the query set is shifted, query-order invariance, and the transductive flag reac
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import synthetic_dataset
+from test_cli_errors import run_cli
 
 from kshot import FewShotModel
-from kshot import cli as kshot_cli
 from kshot.config import ConfigError
 from kshot.data.sampler import EpisodeSet
 from kshot.evaluation import evaluate
@@ -405,16 +404,6 @@ def test_api_transductive_model_evaluates_transductively():
                                                               progress=False)
     assert result.transductive and "transductive" in result.summary()
     assert not model.evaluate(DATASET, ways=5, shots=1, queries=3, episodes=3, progress=False).transductive
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["kshot", *args])
-    monkeypatch.delenv("KSHOT_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as exited:
-        kshot_cli.main()
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return int(exited.value.code or 0), captured.out + captured.err
 
 
 def test_cli_evaluate_transductive_and_a_wrong_method_name(monkeypatch, capsys, tmp_path):
