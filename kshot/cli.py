@@ -265,8 +265,10 @@ def main() -> None:
     tune_malloc()  # keep per-step buffers instead of page-faulting them back every step (kshot/allocator.py)
     try:
         cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as error:  # click turns Ctrl-C into Abort; keep what the trainer said
+        cause = error.__context__
+        click.echo(f"interrupted: {cause}" if isinstance(cause, KeyboardInterrupt) and str(cause) else "aborted",
+                   err=True)
         sys.exit(130)
     except click.UsageError as error:
         command = error.ctx.command_path if error.ctx is not None else "kshot"

@@ -100,3 +100,29 @@ def test_unexpected_failures_are_one_line_too(monkeypatch, capsys):
     code, output = run_cli(monkeypatch, capsys, "train", "protonet-omniglot-quick")
     assert code == 1 and "boom second line" in output and "KSHOT_DEBUG=1" in output
     assert len(output.strip().splitlines()) == 1
+
+
+def test_ctrl_c_during_training_says_where_the_checkpoint_is(monkeypatch, capsys, photos, tmp_path):
+    """Ctrl-C reaches the trainer, which saves `last` and stops; click turns the interrupt into an Abort, and the
+    user still reads the trainer's one line (where the checkpoint is, how to resume), with exit code 130."""
+    import signal
+
+    from kshot.learners.protonet import ProtoNet
+
+    loss = ProtoNet.loss
+    calls = {"n": 0}
+
+    def interrupted_at_step_2(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return loss(self, batch)
+
+    monkeypatch.setattr(ProtoNet, "loss", interrupted_at_step_2)
+    run = tmp_path / "run"
+    code, printed = run_cli(monkeypatch, capsys, *QUICK, "--data", str(photos), "--out", str(run), "--device", "cpu",
+                            "--set", "train.steps=50", "--set", "train.val_every=0")
+    assert code == 130
+    assert "interrupted: training stopped by SIGINT at step 2; checkpoint saved in" in printed
+    assert "Traceback" not in printed
+    assert (run / "checkpoints" / "last" / "checkpoint.json").is_file()
