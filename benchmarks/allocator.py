@@ -61,8 +61,10 @@ def section(rows: list[dict]) -> str:
                      f"{100 * r['kernel_share']:.0f}% | {r['threads']} | {r['load']} |")
     lines += ["", "kshot's `tune_malloc()` is applied by the `kshot` command, `FewShotModel.fit` and the benchmark "
               "scripts; the environment-variable row is what any other program (a competitor's included) gains "
-              "from the same setting.", "", "Commands:", ""] + sorted({f"- `{r['command']}`" for r in rows})
-    return "\n".join(lines)
+              "from the same setting."]
+    from report import commands_block
+
+    return "\n".join(lines + commands_block(rows))
 
 
 def main() -> None:

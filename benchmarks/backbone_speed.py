@@ -68,8 +68,9 @@ def section(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['backbone']} | {r['params']:,} | {r['image_size']} | {r['threads']} | "
                      f"{r['ms_per_episode']:.0f} | {r['load_before']:.2f} / {r['load_after']:.2f} | {r['device']} | "
                      f"{r['commit']} |")
-    commands = sorted({r["command"] for r in rows})
-    return "\n".join(lines + ["", "Commands:", ""] + [f"- `{c}`" for c in commands])
+    from report import commands_block
+
+    return "\n".join(lines + commands_block(rows))
 
 
 def main() -> None:

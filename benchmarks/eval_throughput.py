@@ -295,9 +295,10 @@ def section(rows: list[dict]) -> str:
               "the same for every variant; each variant in a fresh process, rounds taking turns. The accuracy "
               "column checks that both evaluators scored the same model on the same episodes. easyfsl's own "
               "files are run from its 1.5.0 wheel, its `evaluate` loop copied verbatim (torchvision, which its "
-              "package imports, is not available here): see the docstring of `benchmarks/eval_throughput.py`.",
-              "", "Commands:", ""] + sorted({f"- `{r['command']}`" for r in rows})
-    return "\n".join(lines)
+              "package imports, is not available here): see the docstring of `benchmarks/eval_throughput.py`."]
+    from report import commands_block
+
+    return "\n".join(lines + commands_block(rows))
 
 
 def main() -> None:

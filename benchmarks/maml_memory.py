@@ -154,8 +154,9 @@ def section(rows: list[dict[str, Any]]) -> str:
         options = ", ".join(f"{k}: {v}" for k, v in r["options"].items()) or "second order"
         lines.append(f"| {'-'.join(map(str, r['widths']))} | {r['image_size']} | {r['inner_steps']} | {r['queries']} | "
                      f"{r['tasks']} | {options} | {measured} | {estimate:.0f} | {ratio} | {r['device']} |")
-    commands = sorted({r["command"] for r in rows})
-    return "\n".join(lines + ["", "Commands:", ""] + [f"- `{c}`" for c in commands])
+    from report import commands_block
+
+    return "\n".join(lines + commands_block(rows))
 
 
 def main() -> None:

@@ -154,10 +154,9 @@ def section(rows: list[dict[str, Any]]) -> str:
             f"{cand['ci95']:.2f} | {ece_cell(cand)} | {cand['gain']:+.2f} +- {cand['gain_ci95']:.2f} | "
             f"{cand['unpaired_ci95']:.2f} | {cand['wins']} / {cand['ties']} / {cand['losses']} | "
             f"{cand['episodes']}, `{digest}` | {minutes} | {cand.get('commit', '')} |")
-    commands = sorted({r["command"] for r in rows if r.get("command")})
-    if commands:
-        lines += ["", "Commands:", ""] + [f"- `{c}`" for c in commands]
-    return "\n".join(lines)
+    from report import commands_block
+
+    return "\n".join(lines + commands_block(rows))
 
 
 def result_name(rows: list[dict[str, Any]], tag: str) -> str:

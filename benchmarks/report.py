@@ -58,10 +58,13 @@ def accuracy_table(rows: list[dict]) -> str:
                      f"{r['queries']} | {r['episodes']} | {r['accuracy']:.2f} +- {r['ci95']:.2f} | {ece} | {paper} | "
                      f"{r['bn_mode']} | {r.get('train_steps', '')} | {minutes:.1f} min | {r.get('device', '')} | "
                      f"{r.get('commit', '')} |")
+    return "\n".join(lines + commands_block(rows))
+
+
+def commands_block(rows: list[dict]) -> list[str]:
+    """The lines that end a section: each distinct command that produced its rows (no lines when none says)."""
     commands = sorted({r["command"] for r in rows if r.get("command")})
-    if commands:
-        lines += ["", "Commands:", ""] + [f"- `{c}`" for c in commands]
-    return "\n".join(lines)
+    return ["", "Commands:", ""] + [f"- `{c}`" for c in commands] if commands else []
 
 
 # Other benchmark scripts register a writer for their own result files: name prefix -> (title, writer).

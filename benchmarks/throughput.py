@@ -262,13 +262,13 @@ def section(rows: list[dict]) -> str:
         rate = f"{r['images_per_second']:,.1f} ({r.get('median_images_per_second', 0):,.1f})"
         lines.append(f"| {r['measure']} | {what} | {r['threads']} | {rate} | {difference} | "
                      f"{r.get('load_1min', '')} | {r['device']} | {r['commit']} |")
-    commands = sorted({r["command"] for r in rows if r.get("command")})
     lines += ["", f"Episodes of {IMAGES_PER_EPISODE} images (5-way 1-shot 15-query) from {rows[0]['dataset']}; "
               "'delivered' is the data path alone (sampling, to_model, augmentation), 'trained' is forward + "
               "backward + Adam on pre-drawn episodes; best and median of the timed rounds or steps. Load is the "
               "machine's 1-minute load average (2 cores, shared)."]
-    lines += ["", "Commands:", ""] + [f"- `{c}`" for c in commands]
-    return "\n".join(lines)
+    from report import commands_block
+
+    return "\n".join(lines + commands_block(rows))
 
 
 if __name__ == "__main__":

@@ -194,9 +194,15 @@ def broadcast_module(module: nn.Module) -> None:
 
 def any_process(flag: bool, device: torch.device) -> bool:
     """True on every process when `flag` is true on any (e.g. the main process's time budget has run out)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return on_any_process((flag,), device)[0]
+
+
+def on_any_process(flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
+    """Each flag true on every process when it is true on any, for several flags in one collective (the
+    trainer's per-step stop checks)."""
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in values.tolist())
 
 
 def barrier() -> None:

@@ -101,3 +101,31 @@ def omniglot_archives() -> Path:
     if not folder or not (Path(folder) / "images_background.zip").is_file():
         pytest.skip("set KSHOT_OMNIGLOT_ARCHIVES to a folder holding the Omniglot archives")
     return Path(folder)
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every file below `root` (none if it does not exist): what a failed download or conversion left behind."""
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def serve_folder(folder: Path):
+    """A local HTTP server for the files in `folder`, as a context manager giving its base URL: download code is
+    tested against it, never against the internet."""
+    import contextlib
+    import functools
+    import http.server
+    import threading
+
+    @contextlib.contextmanager
+    def running():
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+
+    return running()

@@ -3,19 +3,17 @@ CIFAR-100 python format (a tar.gz of pickled dicts), including corrupt, truncate
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import importlib
 import io
 import os
 import pickle
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import files_under, serve_folder
 
 from kshot.data import InputContract, InputError, load_dataset
 from kshot.data.cifar import CIFAR_FS_CLASSES, FC100_SUPERCLASSES, CifarError, cifar_fs, fc100
@@ -101,10 +99,6 @@ def complete(tmp_path, monkeypatch):
     return make_archive(tmp_path / "full.tar.gz", dict.fromkeys(FINE, 5), dict.fromkeys(FINE, 1), str_keys=True)
 
 
-def _leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-
-
 # ------------------------------------------------------------------------------------------------- the splits
 def test_stated_splits_partition_cifar100():
     fs = [set(CIFAR_FS_CLASSES[s]) for s in ("train", "val", "test")]
@@ -138,7 +132,7 @@ def test_images_keep_channels_and_train_then_test_order(small, tmp_path):
 def test_content_check_fires_on_a_partial_archive(small, tmp_path):
     with pytest.raises(CifarError, match=r"expected 100, 20 .*check=False skips this check"):
         fc100("train", root=tmp_path / "root", archive=small, progress=False)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 def test_check_on_read_refuses_a_cache_built_without_it(small, tmp_path):
@@ -159,7 +153,7 @@ def test_damaged_archive_is_refused_and_nothing_cached(small, tmp_path, damage):
     with pytest.raises(CifarError, match="corrupt or truncated") as error:
         cifar_fs("train", root=tmp_path / "root", archive=small, check=False, progress=False)
     assert "\n" not in str(error.value)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path):
@@ -170,7 +164,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     archive = make_archive(tmp_path / "evil.tar.gz", SOME, {"apple": 1}, meta=Exploit())
     with pytest.raises(CifarError, match=r"meta: .*refusing to load (posix|os)\.system"):
         cifar_fs("train", root=tmp_path / "root", archive=archive, check=False, progress=False)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 def test_archive_without_the_cifar_members_is_refused(tmp_path):
@@ -196,13 +190,8 @@ def test_missing_archive_without_download_says_what_to_do(tmp_path, monkeypatch)
 
 @pytest.fixture
 def server(small):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(small.parent))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/{small.name}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(small.parent) as url:
+        yield f"{url}/{small.name}"
 
 
 def test_download_is_checked_by_md5(small, server, tmp_path, monkeypatch):
@@ -211,7 +200,7 @@ def test_download_is_checked_by_md5(small, server, tmp_path, monkeypatch):
     root = tmp_path / "root"
     with pytest.raises(DownloadError, match="does not match"):
         cifar_fs("train", root=root, check=False, progress=False)
-    assert _leftovers(root) == []
+    assert files_under(root) == []
     monkeypatch.setattr(cifar_module, "ARCHIVE_MD5", hashlib.md5(small.read_bytes()).hexdigest())
     assert cifar_fs("train", root=root, check=False, progress=False).num_base_classes == 2
     assert (root / "cifar-100" / "cifar-100-python.tar.gz").read_bytes() == small.read_bytes()

@@ -3,17 +3,15 @@ real layout, including corrupt and truncated archives and the md5-checked downlo
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import importlib
 import io
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import files_under, serve_folder
 from PIL import Image
 
 from kshot.data import InputContract, InputError, load_dataset
@@ -55,10 +53,6 @@ def small(tmp_path, monkeypatch):
     return make_archive(tmp_path / "CUB_200_2011.tgz")
 
 
-def _leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-
-
 def test_chen_split_rule_gives_100_50_50():
     names = [f"{i:03d}.Species" for i in range(200, 0, -1)]
     split = chen_split(names)
@@ -86,7 +80,7 @@ def test_archive_converts_every_split_once(small, tmp_path):
 def test_content_check_fires_on_a_partial_archive(small, tmp_path):
     with pytest.raises(CubError, match=r"holds 8 classes and 16 photos .* expected 200 and 11788.*check=False"):
         cub("train", root=tmp_path / "root", archive=small, progress=False)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
@@ -100,7 +94,7 @@ def test_damaged_archive_is_refused_and_nothing_cached(small, tmp_path, damage):
     with pytest.raises(CubError, match="corrupt") as error:
         cub("train", root=tmp_path / "root", archive=small, check=False, progress=False)
     assert "\n" not in str(error.value)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 def test_unreadable_photo_in_a_sound_archive_is_refused(tmp_path):
@@ -111,7 +105,7 @@ def test_unreadable_photo_in_a_sound_archive_is_refused(tmp_path):
         tar.addfile(info, io.BytesIO(b"not a jpeg"))
     with pytest.raises(CubError, match="photo.jpg is not a readable image"):
         cub("train", root=tmp_path / "root", archive=path, check=False, progress=False)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 def test_archive_from_environment_variable_and_missing_archive(small, tmp_path, monkeypatch):
@@ -123,13 +117,8 @@ def test_archive_from_environment_variable_and_missing_archive(small, tmp_path, 
 
 @pytest.fixture
 def server(small):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(small.parent))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/{small.name}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(small.parent) as url:
+        yield f"{url}/{small.name}"
 
 
 def test_download_is_checked_by_md5(small, server, tmp_path, monkeypatch):
@@ -138,7 +127,7 @@ def test_download_is_checked_by_md5(small, server, tmp_path, monkeypatch):
     root = tmp_path / "root"
     with pytest.raises(DownloadError, match="does not match"):
         cub("train", root=root, image_size=8, check=False, progress=False)
-    assert _leftovers(root) == []
+    assert files_under(root) == []
     monkeypatch.setattr(cub_module, "ARCHIVE_MD5", hashlib.md5(small.read_bytes()).hexdigest())
     assert cub("train", root=root, image_size=8, check=False, progress=False).num_base_classes == 4
     assert (root / "cub" / "CUB_200_2011.tgz").read_bytes() == small.read_bytes()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import files_under
 from PIL import Image
 
 from kshot.data import InputContract, InputError, load_dataset
@@ -79,10 +80,6 @@ def no_source_variable(monkeypatch):
     monkeypatch.delenv("KSHOT_TIERED_IMAGENET", raising=False)
 
 
-def _leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-
-
 def _colours(data) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in image[:, 40, 40]) for image in data.images]
 
@@ -123,14 +120,14 @@ def test_npz_with_scattered_classes_is_refused(tmp_path):
     source = make_npz(tmp_path / "src", labels=LABELS)
     with pytest.raises(TieredImageNetError, match="not stored together"):
         tiered_imagenet("train", source=source, root=tmp_path / "root", check=False, progress=False)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 # ---------------------------------------------------------------------------------------- checks and errors
 def test_class_count_check_fires(tmp_path):
     with pytest.raises(TieredImageNetError, match=r"train split has 3 classes, expected 351.*check=False"):
         tiered_imagenet("train", source=make_npz(tmp_path / "src"), root=tmp_path / "root", progress=False)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 def test_no_source_says_there_is_no_download(tmp_path):
@@ -162,7 +159,7 @@ def test_damaged_files_are_refused_and_nothing_cached(tmp_path, damage):
     with pytest.raises(TieredImageNetError, match="corrupt|truncated") as error:
         tiered_imagenet("train", source=source, root=tmp_path / "root", check=False, progress=False)
     assert "\n" not in str(error.value)
-    assert _leftovers(tmp_path / "root") == []
+    assert files_under(tmp_path / "root") == []
 
 
 def test_labels_pickle_that_runs_code_is_refused(tmp_path):

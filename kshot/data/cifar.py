@@ -32,7 +32,7 @@ from pydantic.dataclasses import dataclass
 
 from kshot.config import STRICT
 from kshot.data.contract import InputContract, check_decoded_as
-from kshot.data.dataset import ClassDataset
+from kshot.data.dataset import ClassDataset, check_split_and_size
 from kshot.data.download import local_or_download
 from kshot.data.image_cache import cache_folder, read_image_cache, write_image_cache
 from kshot.data.paths import data_root
@@ -233,8 +233,7 @@ def cifar_split(kind: Kind, split: str = "train", root: str | Path | None = None
 
     `check` verifies the archive and the split (100 classes, 50,000 + 10,000 images, the split's class count,
     600 images a class); turn it off only for a partial copy, such as a test fixture."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown {kind} split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_split_and_size(kind, split, SPLITS)
     folder = cache_folder(kind, f"{split}-32px", root)
     if not folder.exists():
         convert(kind, find_archive(root, archive, download), root, check, progress)

@@ -33,7 +33,7 @@ from pydantic.dataclasses import dataclass
 
 from kshot.config import STRICT
 from kshot.data.contract import InputContract, InputError, check_decoded_as
-from kshot.data.dataset import ClassDataset
+from kshot.data.dataset import ClassDataset, check_split_and_size
 from kshot.data.download import local_or_download
 from kshot.data.image_cache import cache_folder, read_image_cache, write_image_cache
 from kshot.data.paths import data_root
@@ -122,10 +122,7 @@ def cub(split: str = "train", root: str | Path | None = None, image_size: int = 
     """A CUB-200-2011 split (Chen et al.: train = base, 100 classes; val, 50; test = novel, 50) as a
     memory-mapped `ClassDataset`. `check` verifies the archive (200 classes, 11,788 photos) and the split's class
     count; turn it off only for a partial copy, such as a test fixture."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown CUB split {split!r}; choose one of {', '.join(SPLITS)}")
-    if image_size < 4:
-        raise ValueError(f"image_size must be at least 4 pixels, got {image_size}")
+    check_split_and_size("CUB", split, SPLITS, image_size)
     folder = cache_folder("cub", f"{split}-{image_size}px", root)
     if not folder.exists():
         convert(find_archive(root, archive, download), root, image_size, check, progress)

@@ -182,3 +182,13 @@ def rotated_pixel_index(shape: tuple[int, ...]) -> np.ndarray:
 def to_float(images: Tensor) -> Tensor:
     """uint8 images in [0, 255] to float32 in [0, 1], in one op."""
     return images.mul(1.0 / 255.0) if images.dtype == torch.uint8 else images.to(torch.float32)
+
+
+def check_split_and_size(dataset: str, split: str | None = None, splits: Sequence[str] = (),
+                         image_size: int | None = None) -> None:
+    """The one check every dataset loader makes of what it is asked for, before anything is read or converted: a
+    known split (when `split` is given) and images of at least 4 pixels (when `image_size` is given)."""
+    if split is not None and split not in splits:
+        raise ValueError(f"unknown {dataset} split {split!r}; choose one of {', '.join(splits)}")
+    if image_size is not None and image_size < 4:
+        raise ValueError(f"image_size must be at least 4 pixels, got {image_size}")

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from kshot.data.contract import RESIZE_FILTERS, InputContract, InputError
-from kshot.data.dataset import ClassDataset
+from kshot.data.dataset import ClassDataset, check_split_and_size
 from kshot.data.download import download as download_file
 from kshot.data.download import given_or_env
 from kshot.data.folder import class_folders, image_files
@@ -83,8 +83,7 @@ def miniimagenet(split: str = "train", root: str | Path | None = None, source: s
     Ravi & Larochelle's split (64 / 16 / 20 classes of 600 images), before converting and on every load; pass
     `check=False` for a subset. `download` allows fetching a missing split CSV; `verify` re-hashes the cache.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown miniImageNet split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_split_and_size("miniImageNet", split, SPLITS)
     folder = cache_folder("miniimagenet", f"{split}-{IMAGE_SIZE}px", root)
     if not folder.exists():
         convert_split(split, find_source(source), folder, check=check, root=root, download=download,

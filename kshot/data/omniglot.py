@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kshot.data.contract import omniglot_contract
-from kshot.data.dataset import ROTATIONS, ClassDataset
+from kshot.data.dataset import ROTATIONS, ClassDataset, check_split_and_size
 from kshot.data.download import atomic_path, download
 from kshot.data.paths import data_root
 from kshot.progress import progress_bar
@@ -122,8 +122,7 @@ def convert_archives(paths: dict[str, Path], target: Path, image_size: int, prog
 def load_omniglot(root: str | Path | None = None, image_size: int = 28, archives: str | Path | None = None,
                   download: bool = True, progress: bool = True) -> ClassDataset:
     """All 1,623 Omniglot characters (background then evaluation alphabets), 20 drawings each, unrotated."""
-    if image_size < 4:
-        raise ValueError(f"image_size must be at least 4 pixels, got {image_size}")
+    check_split_and_size("Omniglot", image_size=image_size)
     folder = data_root(root) / "omniglot"
     cache = folder / f"omniglot_{image_size}px.safetensors"
     if not cache.is_file():
@@ -166,8 +165,7 @@ def omniglot(split: str = "train", root: str | Path | None = None, image_size: i
     count each of four rotations as its own class; background / evaluation are Lake's alphabets (964 / 659)
     and all is every character, unrotated by default.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown Omniglot split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_split_and_size("Omniglot", split, SPLITS)
     full = load_omniglot(root, image_size, archives, download, progress)
     if split in ("train", "val", "trainval", "test"):
         ids = vinyals_split(full.base_names)[split]

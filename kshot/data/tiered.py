@@ -39,7 +39,7 @@ from pydantic.dataclasses import dataclass
 
 from kshot.config import STRICT
 from kshot.data.contract import RESIZE_FILTERS, InputContract, InputError, check_decoded_as
-from kshot.data.dataset import ClassDataset
+from kshot.data.dataset import ClassDataset, check_split_and_size
 from kshot.data.download import given_or_env
 from kshot.data.folder import class_folders, image_files
 from kshot.data.image_cache import cache_folder, read_image_cache, write_image_cache
@@ -233,10 +233,7 @@ def tiered_imagenet(split: str = "train", source: str | Path | None = None, root
     """A tieredImageNet split (351 / 97 / 160 classes) as a memory-mapped `ClassDataset`, converted once from
     `source` (see the module docstring for the layouts read). `check` verifies the split's class count; turn it
     off only for a partial copy, such as a test fixture."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown tieredImageNet split {split!r}; choose one of {', '.join(SPLITS)}")
-    if image_size < 4:
-        raise ValueError(f"image_size must be at least 4 pixels, got {image_size}")
+    check_split_and_size("tieredImageNet", split, SPLITS, image_size)
     folder = cache_folder("tiered-imagenet", f"{split}-{image_size}px", root)
     if not folder.exists():
         convert(find_source(source), split, folder, image_size, check, npz_channel_order, progress)

@@ -219,12 +219,11 @@ class Trainer:
         try:
             with stop:
                 while self.step < config.steps:
-                    out_of_time = config.time_budget_s is not None and \
-                        time.perf_counter() - started >= config.time_budget_s
+                    out_of_time = main and config.time_budget_s is not None and \
+                        time.perf_counter() - started >= config.time_budget_s  # the main process's clock rules
                     stopping = stop.requested
                     if group is not None:
-                        out_of_time = distributed.any_process(out_of_time and main, self.device)
-                        stopping = distributed.any_process(stopping, self.device)
+                        out_of_time, stopping = distributed.on_any_process((out_of_time, stopping), self.device)
                     if stopping:
                         if main:
                             self._save_last(optimizer, scheduler, stream, log)
